@@ -1,0 +1,21 @@
+"""q_tuning: Q-Tuning for megatron-core / Megatron-LM supervised fine-tuning.
+
+Public API:
+    token_nll_entropy(logits, targets, tp_group=None) -> (nll, entropy)
+    select_samples(ppl, entropy, keep_ratio, bisect_max_iter=10) -> SampleSelection
+    token_keep_mask(token_nll, loss_mask, keep_ratio, neighbor_lambda) -> bool mask
+    add_q_tuning_args(parser) -> parser
+    QTuningConfig
+    QTuningPruner(config).prune(model, batch) -> (new_batch, report)
+
+Layers: pure tensor functions (token_stats, selection, token_pruning) -> QTuningPruner
+(distributed plumbing in q_tuning.parallel) -> integrations (q_tuning.train, q_tuning.megatron_lm),
+each calling only the layer below.
+"""
+
+from q_tuning.config import QTuningConfig, add_q_tuning_args
+
+__all__ = [
+    "QTuningConfig",
+    "add_q_tuning_args",
+]

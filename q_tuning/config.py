@@ -1,0 +1,116 @@
+"""Q-Tuning configuration: one validated dataclass, and the Megatron-style flags that fill it.
+
+`add_q_tuning_args(parser)` has the signature of Megatron-LM's `extra_args_provider`
+(`parser -> parser`), so the flags can be added to an existing Megatron-LM script unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable
+
+BATCH_POLICIES = ("shrink", "refill")
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class QTuningConfig:
+    """Parameters of SPEC section 6 plus the batch policy of section 5."""
+
+    enabled: bool = True
+    sample_keep_ratio: float = 0.5
+    token_keep_ratio: float = 0.7
+    neighbor_lambda: float = 0.5
+    bisect_max_iter: int = 10
+    batch_policy: str = "shrink"
+    # Scoring stores no activations, so it may use larger micro-batches than training.
+    # None: use the training micro-batch size.
+    scoring_micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_ratio(self.sample_keep_ratio, "--q-tuning-sample-keep-ratio", lower_open=True)
+        _check_ratio(self.token_keep_ratio, "--q-tuning-token-keep-ratio", lower_open=True)
+        _check_ratio(self.neighbor_lambda, "--q-tuning-neighbor-lambda", lower_open=False)
+        if isinstance(self.bisect_max_iter, bool) or not isinstance(self.bisect_max_iter, int) \
+                or self.bisect_max_iter < 1:
+            raise ValueError(
+                f"--q-tuning-bisect-max-iter must be an integer >= 1, got {self.bisect_max_iter!r}")
+        if self.batch_policy not in BATCH_POLICIES:
+            raise ValueError(
+                f"--q-tuning-batch-policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
+        if self.scoring_micro_batch_size is not None and self.scoring_micro_batch_size < 1:
+            raise ValueError("--q-tuning-scoring-micro-batch-size must be an integer >= 1, "
+                             f"got {self.scoring_micro_batch_size!r}")
+
+    @classmethod
+    def from_args(cls, args: Any) -> "QTuningConfig":
+        """Build from a parsed Megatron-style `args` namespace (underscored attribute names)."""
+        defaults = cls()
+        return cls(
+            enabled=bool(getattr(args, "enable_q_tuning", True)),
+            **{f.name: getattr(args, "q_tuning_" + f.name, getattr(defaults, f.name))
+               for f in dataclasses.fields(cls) if f.name != "enabled"},
+        )
+
+
+def _check_ratio(value: float, flag: str, *, lower_open: bool) -> None:
+    ok = (0.0 < value <= 1.0) if lower_open else (0.0 <= value <= 1.0)
+    if not ok:
+        interval = "(0, 1]" if lower_open else "[0, 1]"
+        raise ValueError(f"{flag} must be in {interval}, got {value!r}")
+
+
+def _ranged_float(lower_open: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        ok = (0.0 < value <= 1.0) if lower_open else (0.0 <= value <= 1.0)
+        if not ok:
+            interval = "(0, 1]" if lower_open else "[0, 1]"
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def add_q_tuning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the Q-Tuning flags in their own argument group; usable as `extra_args_provider`.
+
+    Out-of-range values fail at parse time; argparse names the flag in the message.
+    """
+    d = QTuningConfig()
+    group = parser.add_argument_group(title="q-tuning", description="Q-Tuning joint sample and "
+                                      "token pruning (arXiv 2509.23873)")
+    group.add_argument("--enable-q-tuning", action="store_true",
+                       help="Score every step's batch on the Error-Uncertainty plane and train only "
+                            "on the kept samples/tokens.")
+    group.add_argument("--q-tuning-sample-keep-ratio", type=_ranged_float(True),
+                       default=d.sample_keep_ratio,
+                       help="Fraction of the global batch's samples kept, in (0, 1].")
+    group.add_argument("--q-tuning-token-keep-ratio", type=_ranged_float(True),
+                       default=d.token_keep_ratio,
+                       help="Fraction of response tokens kept in Q2 samples, in (0, 1].")
+    group.add_argument("--q-tuning-neighbor-lambda", type=_ranged_float(False),
+                       default=d.neighbor_lambda,
+                       help="Weight of the neighbours' perplexity in the token score, in [0, 1].")
+    group.add_argument("--q-tuning-bisect-max-iter", type=_positive_int, default=d.bisect_max_iter,
+                       help="Bisection steps on the quantile level (integer >= 1).")
+    group.add_argument("--q-tuning-batch-policy", choices=BATCH_POLICIES, default=d.batch_policy,
+                       help="shrink: train on the kept part of each scored batch; refill: score "
+                            "until a full batch of kept samples is collected.")
+    group.add_argument("--q-tuning-scoring-micro-batch-size", type=_positive_int, default=None,
+                       help="Micro-batch size of the no-grad scoring forward (default: the "
+                            "training micro-batch size).")
+    return parser
