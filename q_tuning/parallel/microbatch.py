@@ -1,0 +1,149 @@
+"""Samples -> megatron-core micro-batches, shared by the scoring pass and the training step.
+
+A sample is `tokens[L]` with `loss_mask[L]` (1 = token t is a training target, slime's convention).
+Rows hold either one sample each (padded layout) or several samples packed first-fit under a token
+budget (slime's `--use-dynamic-batch-size --max-tokens-per-gpu`). In both layouts a row position
+`p` predicts the token at `p + 1` only when both belong to the same sample, so neither targets nor
+attention ever cross a sample boundary.
+
+Model inputs follow megatron-core's GPTModel: `input_ids`, `position_ids` (restarting at 0 in every
+sample) and `attention_mask` (bool, True = masked out). Padded rows pass `attention_mask=None`
+(the causal mask of the attention implementation applies; padding sits after the sample so it
+cannot influence it); packed rows pass a block-diagonal causal mask `[b, 1, s, s]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class RowLayout:
+    """Which samples go in which row, and which rows form a micro-batch."""
+
+    rows: list[list[int]]  # sample indices per row, in order
+    rows_per_micro_batch: int
+    seq_length: int
+
+    @property
+    def num_micro_batches(self) -> int:
+        return math.ceil(len(self.rows) / self.rows_per_micro_batch) if self.rows else 0
+
+    @property
+    def packed(self) -> bool:
+        return any(len(r) > 1 for r in self.rows)
+
+
+def round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None,
+              max_tokens_per_row: int | None = None, seq_length: int | None = None,
+              length_multiple: int = 1) -> RowLayout:
+    """Lay samples out in rows: one per row, or packed first-fit under `max_tokens_per_row`.
+
+    `seq_length` (the row length every micro-batch is padded to, a megatron p2p shape) defaults to
+    the longest row, rounded up to `length_multiple` (2*cp, and tp with sequence parallelism).
+    """
+    if max_tokens_per_row is not None:
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i, n in enumerate(lengths):
+            if n > max_tokens_per_row:
+                raise ValueError(f"sample {i} has {n} tokens, more than --max-tokens-per-gpu "
+                                 f"{max_tokens_per_row}")
+            for r, free in enumerate(room):
+                if n <= free:
+                    rows[r].append(i)
+                    room[r] -= n
+                    break
+            else:
+                rows.append([i])
+                room.append(max_tokens_per_row - n)
+        rows_per_micro_batch = 1
+    else:
+        rows = [[i] for i in range(len(lengths))]
+        rows_per_micro_batch = rows_per_micro_batch or 1
+    longest = max((sum(lengths[i] for i in row) for row in rows), default=1)
+    if seq_length is None:
+        seq_length = round_up(max(longest, 1), length_multiple)
+    elif longest > seq_length:
+        raise ValueError(f"a row of {longest} tokens does not fit --seq-length {seq_length}")
+    if seq_length % length_multiple:
+        raise ValueError(f"sequence length {seq_length} must be a multiple of {length_multiple} "
+                         "(2 x context-parallel size, x tensor-parallel size with sequence "
+                         "parallelism)")
+    return RowLayout(rows=rows, rows_per_micro_batch=rows_per_micro_batch, seq_length=seq_length)
+
+
+def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor],
+                        layout: RowLayout, *, num_micro_batches: int | None = None
+                        ) -> list[dict[str, torch.Tensor | None]]:
+    """Full-sequence micro-batches (before any context-parallel split).
+
+    Each is a dict of `[b, s]` tensors: `tokens`, `labels` (next token of the same sample, else
+    0), `loss_mask` (float, 1 where `labels` is a training target), `position_ids`,
+    `sample_index` / `target_index` (which sample and which of its tokens position p predicts;
+    -1 where none) and `attention_mask` (None or `[b, 1, s, s]` bool). Micro-batches beyond the
+    samples (`num_micro_batches` larger than needed, to keep counts equal across ranks) are
+    all-padding with an all-zero loss mask.
+    """
+    count = layout.num_micro_batches if num_micro_batches is None else num_micro_batches
+    if count < layout.num_micro_batches:
+        raise ValueError(f"{layout.num_micro_batches} micro-batches needed, {count} requested")
+    b, s = layout.rows_per_micro_batch, layout.seq_length
+    out = []
+    for m in range(count):
+        rows = layout.rows[m * b:(m + 1) * b]
+        mb = {k: torch.zeros(b, s, dtype=torch.long) for k in ("tokens", "labels", "position_ids")}
+        mb["sample_index"] = torch.full((b, s), -1, dtype=torch.long)
+        mb["target_index"] = torch.full((b, s), -1, dtype=torch.long)
+        mb["loss_mask"] = torch.zeros(b, s, dtype=torch.float32)
+        segment = torch.full((b, s), -1, dtype=torch.long)
+        for r, row in enumerate(rows):
+            start = 0
+            for i in row:
+                tok, mask = tokens[i], loss_masks[i]
+                n = tok.numel()
+                end = start + n
+                mb["tokens"][r, start:end] = tok
+                mb["position_ids"][r, start:end] = torch.arange(n)
+                segment[r, start:end] = i
+                # position p predicts token p + 1 of the same sample
+                mb["labels"][r, start:end - 1] = tok[1:]
+                mb["loss_mask"][r, start:end - 1] = mask[1:].to(torch.float32)
+                mb["sample_index"][r, start:end - 1] = i
+                mb["target_index"][r, start:end - 1] = torch.arange(1, n)
+                start = end
+        mb["attention_mask"] = block_causal_mask(segment) if layout.packed else None
+        out.append(mb)
+    return out
+
+
+def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """`[b, 1, s, s]` bool, True = masked: causal within a segment; padding (-1) sees itself."""
+    s = segment_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool).tril_()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (b, s, s)
+    allowed = same & causal
+    allowed |= torch.eye(s, dtype=torch.bool)  # keep padding rows' softmax finite
+    return ~allowed[:, None]
+
+
+def slice_for_context_parallel(mb: dict, cp_group) -> dict:
+    """This CP rank's zigzag chunks (rank r holds chunks r and 2cp-1-r), via megatron-core."""
+    from megatron.core.utils import get_batch_on_this_cp_rank
+
+    if cp_group is None or cp_group.size() == 1:
+        return mb
+    return get_batch_on_this_cp_rank(dict(mb), cp_group=cp_group)
+
+
+def micro_batch_count_multiple(model_chunks: Sequence[torch.nn.Module], pp_size: int) -> int:
+    """Interleaved (virtual) pipelines need the micro-batch count to be a multiple of PP."""
+    return pp_size if len(model_chunks) > 1 else 1

@@ -1,0 +1,83 @@
+"""The gradient step's forward-backward on a (pruned) batch, with megatron-core's per-token loss.
+
+The loss function returns `(sum of token losses, number of loss tokens, report)`; with
+`config.calculate_per_token_loss = True` the schedule keeps the sum and megatron-core's
+`finalize_model_grads` divides the gradients by the token count all-reduced over DP x CP. The step
+therefore optimises the mean over all kept tokens of the global batch, whatever the split into
+micro-batches and ranks (SPEC section 5).
+
+Micro-batch counts and row length are agreed over the DP group (max), padding with micro-batches
+that carry no loss tokens, so every rank runs the same schedule.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator, Sequence
+
+import torch
+
+from q_tuning.parallel import comm
+from q_tuning.parallel.microbatch import (RowLayout, build_micro_batches, plan_rows, round_up,
+                                          slice_for_context_parallel)
+from q_tuning.parallel.scoring import ParallelGroups
+
+
+def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.nn.Module], *,
+                           micro_batch_size: int = 1, max_tokens_per_row: int | None = None,
+                           groups: ParallelGroups | None = None) -> tuple[list[dict], RowLayout]:
+    """This rank's micro-batches (CP-sliced) and their layout; counts and row length are the same
+    on every DP rank."""
+    from megatron.core.utils import get_model_config
+
+    groups = groups or ParallelGroups.from_parallel_state()
+    config = get_model_config(model_chunks[0])
+    multiple = 2 * groups.cp_size if groups.cp_size > 1 else 1
+    if getattr(config, "sequence_parallel", False):
+        multiple *= groups.tp_size
+    lengths = [t.numel() for t in batch["tokens"]]
+    local = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
+                      max_tokens_per_row=max_tokens_per_row, length_multiple=multiple)
+    seq_length = comm.max_over_group(local.seq_length, groups.dp)
+    count = comm.max_over_group(local.num_micro_batches, groups.dp)
+    if len(model_chunks) > 1:
+        count = round_up(count, getattr(config, "microbatch_group_size_per_vp_stage", None)
+                         or groups.pp_size)
+    layout = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
+                       max_tokens_per_row=max_tokens_per_row, seq_length=seq_length,
+                       length_multiple=multiple)
+    micro_batches = [slice_for_context_parallel(mb, groups.cp)
+                     for mb in build_micro_batches(batch["tokens"], batch["loss_masks"], layout,
+                                                   num_micro_batches=count)]
+    return micro_batches, layout
+
+
+def per_token_loss_forward_step(data_iterator: Iterator[dict], model: torch.nn.Module):
+    """megatron-core forward step: per-token cross entropy, summed over loss tokens."""
+    mb = next(data_iterator)
+    device = next(model.parameters()).device
+    mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
+    losses = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"])
+    return losses, partial(_sum_token_loss, mb["loss_mask"])
+
+
+def _sum_token_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
+    total = (losses.float() * loss_mask).sum()
+    num_tokens = loss_mask.sum().to(torch.int)
+    return total, num_tokens, {"lm loss": torch.stack([total.detach(), num_tokens.float()])}
+
+
+def forward_backward(model_chunks: Sequence[torch.nn.Module], batch: dict[str, list], *,
+                     micro_batch_size: int = 1, max_tokens_per_row: int | None = None,
+                     forward_only: bool = False, groups: ParallelGroups | None = None) -> list:
+    """Run megatron-core's schedule over `batch` with the per-token loss; returns its outputs."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    micro_batches, layout = training_micro_batches(
+        batch, model_chunks, micro_batch_size=micro_batch_size,
+        max_tokens_per_row=max_tokens_per_row, groups=groups)
+    return get_forward_backward_func()(
+        forward_step_func=per_token_loss_forward_step,
+        data_iterator=[iter(micro_batches) for _ in model_chunks], model=list(model_chunks),
+        num_microbatches=len(micro_batches), seq_length=layout.seq_length,
+        micro_batch_size=layout.rows_per_micro_batch, forward_only=forward_only)

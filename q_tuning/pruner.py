@@ -1,0 +1,220 @@
+"""QTuningPruner: score, select on the global batch, prune Q2 tokens, rebalance over DP.
+
+`prune(model, batch)` is called on every rank, inside an initialized megatron-core
+`parallel_state`, with this DP rank's share of the step's samples (the same batch on every TP, PP
+and CP rank of a DP replica). It returns this DP rank's share of the kept samples, with Q2 loss
+masks pruned; dropped samples are gone from the returned batch, so the gradient step never sees
+them (the compute saving). The decision is taken on the whole global batch and is bit-identical
+on every rank:
+
+- scoring: `parallel.scoring.score_samples` (TP/PP/CP inside, see its docstring);
+- DP: per-sample sums (nll, entropy, tokens, length) are all-gathered in DP-rank order; every rank
+  runs `select_samples` on the identical global tensor;
+- tokens: each rank prunes its own Q2 samples with `token_keep_mask` (it holds their per-token
+  statistics), before the samples move;
+- rebalance: kept samples are reassigned so every DP rank gets the same count (+-1) and near-equal
+  tokens (`parallel.rebalance`).
+Bad input is detected on every rank and agreed on before any collective, so it raises the same
+error everywhere instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import torch
+
+from q_tuning.config import QTuningConfig
+from q_tuning.parallel import comm
+from q_tuning.parallel.rebalance import assign_to_ranks, filler_sample, gather_kept
+from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples
+from q_tuning.selection import SampleSelection, sample_ppl_entropy, select_samples
+from q_tuning.token_pruning import token_keep_mask
+
+
+@dataclasses.dataclass
+class StepDecision:
+    """Everything decided in one step, for hooks, plots and tests."""
+
+    selection: SampleSelection  # global, DP-rank-major sample order
+    sample_ppl: torch.Tensor  # [N_global] float64
+    sample_entropy: torch.Tensor  # [N_global] float64
+    local_offset: int  # global index of this DP rank's first sample
+    local_scores: TokenScores  # per-token statistics of this rank's samples
+    local_loss_masks: list[torch.Tensor]  # this rank's masks after token pruning (all samples)
+
+
+class QTuningPruner:
+    """Q-Tuning in front of a megatron-core gradient step. See the module docstring."""
+
+    def __init__(self, config: QTuningConfig | Any, *, micro_batch_size: int | None = None,
+                 seq_length: int | None = None, max_tokens_per_gpu: int | None = None,
+                 log: bool = True) -> None:
+        if isinstance(config, QTuningConfig):
+            self.config = config
+        else:  # a parsed Megatron-style args namespace
+            self.config = QTuningConfig.from_args(config)
+            micro_batch_size = micro_batch_size or getattr(config, "micro_batch_size", None)
+            seq_length = seq_length or getattr(config, "seq_length", None)
+            if getattr(config, "use_dynamic_batch_size", False):
+                max_tokens_per_gpu = max_tokens_per_gpu or getattr(config, "max_tokens_per_gpu", None)
+        self.scoring_micro_batch_size = self.config.scoring_micro_batch_size or micro_batch_size or 1
+        self.seq_length = seq_length
+        self.max_tokens_per_gpu = max_tokens_per_gpu
+        self.log = log
+        self.step = 0
+        self.last_decision: StepDecision | None = None
+
+    def prune(self, model: Sequence[torch.nn.Module] | torch.nn.Module, batch: dict[str, list],
+              *, keep_count: int | None = None) -> tuple[dict[str, list], dict]:
+        """Return `(new_batch, report)`; `keep_count` overrides the keep ratio (refill policy)."""
+        self.step += 1
+        start = time.perf_counter()
+        chunks = list(model) if isinstance(model, (list, tuple)) else [model]
+        groups = ParallelGroups.from_parallel_state()
+        prefix = f"Q-Tuning step {self.step}: "
+        comm.agree_on_errors(self._validate(chunks, batch), prefix)
+        tokens, loss_masks = batch["tokens"], batch["loss_masks"]
+
+        scores = score_samples(chunks, tokens, loss_masks,
+                               rows_per_micro_batch=self.scoring_micro_batch_size,
+                               max_tokens_per_row=self.max_tokens_per_gpu, groups=groups)
+        scoring_seconds = time.perf_counter() - start
+        sums = torch.stack([
+            (scores.nll.double() * scores.target_mask).sum(1),
+            (scores.entropy.double() * scores.target_mask).sum(1),
+            scores.target_mask.sum(1).double(),
+            torch.tensor([t.numel() for t in tokens], dtype=torch.float64),
+        ], dim=1) if tokens else torch.zeros(0, 4, dtype=torch.float64)  # (n_local, 4)
+        global_sums, counts = comm.all_gather_rows(sums, groups.dp)
+        if global_sums.shape[0] == 0:
+            raise ValueError(f"{prefix}the global batch is empty")
+        dp_rank = torch.distributed.get_rank(groups.dp) if counts[1:] else 0
+        offset = sum(counts[:dp_rank])
+
+        ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2])
+        placed = int((global_sums[:, 2] > 0).sum())
+        ratio = self.config.sample_keep_ratio if keep_count is None \
+            else min(1.0, keep_count / max(placed, 1))
+        selection = select_samples(ppl, ent, ratio, self.config.bisect_max_iter, step=self.step)
+
+        new_masks = self._pruned_masks(selection, offset, scores, loss_masks)
+        local_kept = {offset + i: {**{f: v[i] for f, v in batch.items()}, "loss_masks": new_masks[i]}
+                      for i in range(len(tokens)) if bool(selection.keep[offset + i])}
+        kept_index = selection.keep.nonzero().flatten().tolist()
+        lengths = global_sums[kept_index, 3].long().tolist()
+        num_dp = len(counts)
+        shares = assign_to_ranks(lengths, num_dp)
+        assignment = [[kept_index[j] for j in share] for share in shares]
+        mine, kept_tokens, fillers = self._exchange(local_kept, assignment, dp_rank, groups.dp,
+                                                    kept_index, lengths)
+        new_batch = {f: [s[f] for s in mine] for f in batch}
+
+        self.last_decision = StepDecision(selection=selection, sample_ppl=ppl, sample_entropy=ent,
+                                          local_offset=offset, local_scores=scores,
+                                          local_loss_masks=new_masks)
+        report = {
+            "step": self.step,
+            "quadrant_counts": selection.quadrant_counts(),
+            "kept_samples": len(kept_index),
+            "total_samples": int(global_sums.shape[0]),
+            "unplaceable_samples": int(selection.num_unplaceable),
+            "kept_tokens": kept_tokens,
+            "total_tokens": int(global_sums[:, 2].sum()),
+            "level": float(selection.level),
+            "thresholds": dict(zip(("ppl_low", "ppl_high", "ent_low", "ent_high"),
+                                   (float(t) for t in selection.thresholds))),
+            "filler_samples": fillers,
+            "scoring_seconds": scoring_seconds,
+            "seconds": time.perf_counter() - start,
+        }
+        if self.log and _is_global_rank_zero():
+            print(format_report(report), flush=True)
+        return new_batch, report
+
+    def _pruned_masks(self, selection: SampleSelection, offset: int, scores: TokenScores,
+                      loss_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Loss masks of this rank's samples; Q2 kept samples get their highest-scoring tokens
+        cleared, every other sample keeps its mask untouched."""
+        masks = list(loss_masks)
+        n = len(masks)
+        q2 = [i for i in range(n) if bool(selection.keep[offset + i])
+              and int(selection.quadrant[offset + i]) == 2]
+        if q2:
+            keep = token_keep_mask(scores.nll[q2], scores.target_mask[q2],
+                                   self.config.token_keep_ratio, self.config.neighbor_lambda)
+            for row, i in enumerate(q2):
+                masks[i] = keep[row, :masks[i].numel()].to(masks[i].dtype)
+        return masks
+
+    @staticmethod
+    def _exchange(local_kept: dict[int, dict], assignment: list[list[int]], dp_rank: int,
+                  dp_group, kept_index: list[int], lengths: list[int]
+                  ) -> tuple[list[dict], int, int]:
+        everything = gather_kept(local_kept, dp_group)
+        kept_tokens = sum(int(s["loss_masks"][1:].sum()) for s in everything.values())
+        mine = [everything[i] for i in assignment[dp_rank]]
+        fillers = sum(1 for a in assignment if not a)
+        if not mine:
+            shortest = kept_index[min(range(len(lengths)), key=lambda j: (lengths[j], j))]
+            mine = [filler_sample(everything[shortest])]
+        return mine, kept_tokens, fillers
+
+    def _validate(self, chunks: list[torch.nn.Module], batch: dict) -> str | None:
+        """This rank's first problem with the batch, or None."""
+        if not isinstance(batch, dict) or "tokens" not in batch or "loss_masks" not in batch:
+            return "the batch must be a dict with per-sample lists 'tokens' and 'loss_masks'"
+        n = len(batch["tokens"])
+        for field, values in batch.items():
+            if len(values) != n:
+                return (f"field '{field}' has {len(values)} entries but 'tokens' has {n}; every "
+                        "per-sample field needs one entry per sample")
+        vocab = _vocab_size(chunks[0])
+        limit = self.seq_length
+        for i, (tok, mask) in enumerate(zip(batch["tokens"], batch["loss_masks"])):
+            where = f"sample {i} of this data-parallel rank"
+            if not torch.is_tensor(tok) or tok.dim() != 1 or tok.is_floating_point():
+                return f"{where}: 'tokens' must be a 1-D integer tensor"
+            if not torch.is_tensor(mask) or mask.shape != tok.shape:
+                shape = tuple(mask.shape) if torch.is_tensor(mask) else type(mask).__name__
+                return (f"{where}: 'loss_masks' entry has shape {shape}, tokens have "
+                        f"{tuple(tok.shape)}; they must be the same length")
+            if tok.numel() == 0:
+                return f"{where} has no tokens"
+            if limit is not None and tok.numel() > limit:
+                return f"{where} has {tok.numel()} tokens, more than --seq-length {limit}"
+            if self.max_tokens_per_gpu is not None and tok.numel() > self.max_tokens_per_gpu:
+                return (f"{where} has {tok.numel()} tokens, more than --max-tokens-per-gpu "
+                        f"{self.max_tokens_per_gpu}")
+            if vocab is not None and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
+                return f"{where} has token ids outside [0, {vocab})"
+        return None
+
+
+def _vocab_size(chunk: torch.nn.Module) -> int | None:
+    while hasattr(chunk, "module") and not hasattr(chunk, "vocab_size"):
+        chunk = chunk.module
+    return getattr(chunk, "vocab_size", None)
+
+
+def _is_global_rank_zero() -> bool:
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def format_report(report: dict) -> str:
+    """The seed's two log lines, then thresholds and timing."""
+    kept, total = report["kept_samples"], report["total_samples"]
+    t = report["thresholds"]
+    lines = [
+        f"[Q-Tuning] Quadrant distribution: {report['quadrant_counts']}",
+        f"[Q-Tuning] Kept {kept}/{total} samples ({100.0 * kept / max(total, 1):.1f}%), "
+        f"{report['kept_tokens']}/{report['total_tokens']} tokens "
+        f"({100.0 * report['kept_tokens'] / max(report['total_tokens'], 1):.1f}%)"
+        + (f", {report['unplaceable_samples']} unplaceable" if report["unplaceable_samples"] else ""),
+        f"[Q-Tuning] level={report['level']:.4f} ppl=[{t['ppl_low']:.3g}, {t['ppl_high']:.3g}] "
+        f"ent=[{t['ent_low']:.3g}, {t['ent_high']:.3g}] scoring={report['scoring_seconds']:.2f}s",
+    ]
+    return "\n".join(lines)
