@@ -14,8 +14,18 @@ each calling only the layer below.
 """
 
 from q_tuning.config import QTuningConfig, add_q_tuning_args
+from q_tuning.pruner import QTuningPruner, format_report
+from q_tuning.selection import SampleSelection, select_samples
+from q_tuning.token_pruning import token_keep_mask
+from q_tuning.token_stats import token_nll_entropy
 
 __all__ = [
     "QTuningConfig",
+    "QTuningPruner",
+    "SampleSelection",
     "add_q_tuning_args",
+    "format_report",
+    "select_samples",
+    "token_keep_mask",
+    "token_nll_entropy",
 ]

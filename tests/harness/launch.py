@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from typing import Any, Callable
@@ -23,7 +24,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
                       TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1")
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        result = fn(rank, world_size, *args)
+        # Plain pickle copies tensors into the message: torch's shared-memory handles would
+        # vanish with this process before the parent reads them.
+        result = pickle.dumps(fn(rank, world_size, *args))
         queue.put((rank, "ok", result))
     except BaseException:  # report every failure to the parent, which raises it
         queue.put((rank, "error", traceback.format_exc()))
@@ -67,7 +70,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
                 continue
             if status == "error":
                 raise RuntimeError(f"rank {rank} of {fn.__name__} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = pickle.loads(payload)
     finally:
         for p in procs:
             p.join(timeout=10)

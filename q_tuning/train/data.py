@@ -1,0 +1,379 @@
+"""SFT data: JSONL conversations -> (tokens, loss_mask) samples, and a resumable shuffled dataset.
+
+Public API:
+    ROLES
+    DataError
+    Conversation(source, messages)
+    Sample(tokens, loss_mask, source, index, truncated)
+    DataStats
+    read_conversations(paths) -> (list[Conversation], skipped_no_assistant)
+    tokenize_conversation(tokenizer, messages, source=...) -> (tokens, loss_mask)
+    load_sft_samples(paths, tokenizer, seq_length) -> (list[Sample], DataStats)
+    SFTDataset(samples, seed=..., stats=None), SFTDataset.from_jsonl(paths, tokenizer, ...)
+
+Input: JSONL files, one object per line, either
+    {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}  or
+    {"prompt": str, "response": str}   (-> one user turn and one assistant turn).
+Other keys are ignored; blank lines are skipped. Errors name `file:line`. A conversation
+without an assistant turn has nothing to train on: it is counted and skipped.
+
+Loss-mask convention (that of slime's rollout `loss_masks`, over tokens, not shifted):
+`loss_mask[t] == 1` means token t is a training target, predicted from tokens[:t]. The trainer
+shifts by one: logits of tokens[:-1] against tokens[1:], weighted by loss_mask[1:].
+Targets are every assistant turn's content plus the end-of-turn tokens the chat template puts
+after it, through the last special token (ChatML: "<|im_end|>"; the "\\n" after it and the
+"<|im_start|>assistant\\n" header are context). `--seq-length` bounds len(tokens).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class DataError(ValueError):
+    """Bad training data; the message starts with `file:line`."""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Conversation:
+    source: str  # "file:line"
+    messages: list[dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sample:
+    tokens: torch.Tensor  # (T,) int64
+    loss_mask: torch.Tensor  # (T,) int64, 0/1; 1 = token t is a training target
+    source: str  # "file:line" of the JSONL record
+    index: int  # position in the dataset (stable across epochs and resumes)
+    truncated: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class DataStats:
+    files: tuple[str, ...] = ()
+    records: int = 0  # non-blank JSONL lines
+    samples: int = 0  # kept
+    skipped_no_assistant: int = 0
+    truncated: int = 0  # kept, but cut to seq_length
+    skipped_too_long: int = 0  # no target token within seq_length: dropped
+    tokens: int = 0  # over kept samples, after truncation
+    loss_tokens: int = 0
+
+    def summary(self, seq_length: int | None = None) -> str:
+        limit = f" --seq-length {seq_length}" if seq_length is not None else " seq_length"
+        return (f"{self.samples} samples ({self.tokens} tokens, {self.loss_tokens} trained) from "
+                f"{self.records} records in {len(self.files)} file(s); "
+                f"{self.skipped_no_assistant} skipped (no assistant turn), "
+                f"{self.truncated} truncated to{limit}, "
+                f"{self.skipped_too_long} skipped (no assistant token within{limit})")
+
+
+# ----------------------------------------------------------------------------- reading
+
+def read_conversations(paths: str | os.PathLike | Sequence[str | os.PathLike]
+                       ) -> tuple[list[Conversation], int]:
+    """Parse JSONL files into conversations; returns (conversations, skipped_no_assistant).
+
+    Raises FileNotFoundError for a missing file (before reading any), DataError (`file:line:`)
+    for malformed JSON, a missing or invalid field, or an unknown role.
+    """
+    files = _as_paths(paths)
+    conversations, skipped = [], 0
+    for path in files:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                source = f"{path}:{lineno}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"{source}: not UTF-8 ({e.reason} at byte {e.start})") from None
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(f"{source}: malformed JSON ({e.msg} at column {e.colno})"
+                                    ) from None
+                messages = _parse_record(record, source)
+                if any(m["role"] == "assistant" for m in messages):
+                    conversations.append(Conversation(source, messages))
+                else:
+                    skipped += 1
+    return conversations, skipped
+
+
+def _as_paths(paths) -> list[pathlib.Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files = [pathlib.Path(p) for p in paths]
+    if not files:
+        raise ValueError("--data-path: no data file given")
+    for path in files:
+        if not path.is_file():
+            raise FileNotFoundError(f"--data-path: data file {str(path)!r} not found")
+    return files
+
+
+def _parse_record(record: Any, source: str) -> list[dict[str, Any]]:
+    if not isinstance(record, dict):
+        raise DataError(f"{source}: expected a JSON object, got {type(record).__name__}")
+    has_pair = "prompt" in record or "response" in record
+    if "messages" in record:
+        if has_pair:
+            raise DataError(f"{source}: has both 'messages' and 'prompt'/'response'; use one")
+        messages = record["messages"]
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{source}: 'messages' must be a non-empty list")
+        for i, message in enumerate(messages):
+            if not isinstance(message, dict):
+                raise DataError(f"{source}: messages[{i}] must be an object")
+            for key in ("role", "content"):
+                if key not in message:
+                    raise DataError(f"{source}: messages[{i}] has no '{key}'")
+            if message["role"] not in ROLES:
+                raise DataError(f"{source}: messages[{i}] has unknown role {message['role']!r} "
+                                f"(expected one of {', '.join(ROLES)})")
+            if not isinstance(message["content"], str):
+                raise DataError(f"{source}: messages[{i}].content must be a string")
+        return [dict(m) for m in messages]
+    if has_pair:
+        for key in ("prompt", "response"):
+            if key not in record:
+                raise DataError(f"{source}: has 'prompt'/'response' but no '{key}'")
+            if not isinstance(record[key], str):
+                raise DataError(f"{source}: '{key}' must be a string")
+        return [{"role": "user", "content": record["prompt"]},
+                {"role": "assistant", "content": record["response"]}]
+    raise DataError(f"{source}: expected a 'messages' list or 'prompt' and 'response' strings "
+                    f"(keys found: {sorted(record)})")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def tokenize_conversation(tokenizer: "PreTrainedTokenizerBase", messages: list[dict[str, Any]],
+                          *, source: str = "<conversation>") -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens of the chat-template rendering of `messages`, and its loss mask (module docstring).
+
+    tokens == tokenizer(apply_chat_template(messages, tokenize=False), add_special_tokens=False):
+    the whole conversation is tokenized at once, so merges across turn boundaries are those of
+    inference. Assistant turns are located by rendering prefixes: turn i spans the characters
+    between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]), which
+    must both be prefixes of the full rendering (DataError otherwise). A token is a target when
+    its character span overlaps the turn's content or end-of-turn part (a token merged across the
+    header/content boundary counts as content). Needs a fast tokenizer (offset mappings).
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; q_tuning needs "
+                         "offset mappings (load it with use_fast=True)")
+    text = _render(tokenizer, messages, source)
+    encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    special_ids = set(tokenizer.all_special_ids)
+    mask = [0] * len(ids)
+    for start, content_end, end in _assistant_char_spans(tokenizer, messages, text, source):
+        # The turn's targets end at the last special token after the content (end of turn).
+        target_end = end
+        for tok, (s, e) in zip(ids, offsets):
+            if content_end <= s < end and tok in special_ids:
+                target_end = e
+        for t, (s, e) in enumerate(offsets):
+            if s < target_end and e > start:
+                mask[t] = 1
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
+
+
+def _render(tokenizer, messages, source: str, *, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja2 TemplateError and friends: name the record
+        raise DataError(f"{source}: the chat template failed on this conversation: {e}") from e
+
+
+def _assistant_char_spans(tokenizer, messages, text: str, source: str
+                          ) -> list[tuple[int, int, int]]:
+    """(start, content_end, end) character offsets in `text` of each assistant turn."""
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        if i == 0:
+            raise DataError(f"{source}: the conversation starts with an assistant turn; "
+                            "put at least a system or user turn before it")
+        before = _render(tokenizer, messages[:i], source, generation_prompt=True)
+        through = _render(tokenizer, messages[: i + 1], source)
+        if not (through.startswith(before) and text.startswith(through)):
+            raise DataError(
+                f"{source}: cannot locate assistant message {i}: the chat template's rendering "
+                f"of messages[:{i}] (with generation prompt) and of messages[:{i + 1}] are not "
+                "prefixes of the whole conversation's rendering")
+        start, end = len(before), len(through)
+        found = through.find(message["content"], start)
+        content_end = found + len(message["content"]) if found >= 0 else start
+        spans.append((start, content_end, end))
+    return spans
+
+
+def load_sft_samples(paths: str | os.PathLike | Sequence[str | os.PathLike],
+                     tokenizer: "PreTrainedTokenizerBase", seq_length: int
+                     ) -> tuple[list[Sample], DataStats]:
+    """Read, tokenize and truncate to `seq_length` tokens; logs and returns the counts.
+
+    A sample longer than seq_length keeps its first seq_length tokens (counted as truncated);
+    one with no target token left is dropped (counted as skipped_too_long).
+    """
+    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
+        raise ValueError(f"--seq-length must be an integer >= 2, got {seq_length!r}")
+    conversations, skipped_no_assistant = read_conversations(paths)
+    stats = DataStats(files=tuple(str(p) for p in _as_paths(paths)),
+                      skipped_no_assistant=skipped_no_assistant)
+    stats.records = len(conversations) + skipped_no_assistant
+    samples: list[Sample] = []
+    for conv in conversations:
+        tokens, loss_mask = tokenize_conversation(tokenizer, conv.messages, source=conv.source)
+        truncated = len(tokens) > seq_length
+        if truncated:
+            tokens, loss_mask = tokens[:seq_length], loss_mask[:seq_length]
+            if not bool(loss_mask.any()):
+                stats.skipped_too_long += 1
+                continue
+            stats.truncated += 1
+        samples.append(Sample(tokens, loss_mask, conv.source, len(samples), truncated))
+        stats.tokens += len(tokens)
+        stats.loss_tokens += int(loss_mask.sum())
+    stats.samples = len(samples)
+    logger.info("data: %s", stats.summary(seq_length))
+    if not samples:
+        raise DataError(f"no trainable sample in {', '.join(stats.files)}: "
+                        f"{stats.summary(seq_length)}")
+    return samples, stats
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class SFTDataset:
+    """Samples in a deterministic per-epoch order, with a resumable position.
+
+    Order: epoch e visits the samples in `permutation(e)`, a torch.randperm drawn from a
+    generator seeded by a hash of (seed, e), so it depends on nothing but the seed and epoch.
+    Position (epoch, index): the next sample is permutation(epoch)[index]; `state_dict()` /
+    `load_state_dict()` save and restore it (with the seed and dataset size, checked on load).
+
+    Two ways to draw, both advancing the same position:
+    - `next_global_batch(n)`: n samples of one epoch. drop_last per epoch: when fewer than n
+      samples remain in the epoch they are skipped and the batch starts the next epoch, so each
+      epoch gives len(self) // n batches and a global batch never spans two epochs.
+    - `next_samples(n)`: the next n samples, continuing into the next epoch if this one ends
+      (for the 'refill' batch policy, which tops a pruned batch up with fresh samples).
+    """
+
+    def __init__(self, samples: Sequence[Sample], *, seed: int, stats: DataStats | None = None):
+        if not samples:
+            raise ValueError("SFTDataset needs at least one sample")
+        self.samples = list(samples)
+        self.seed = int(seed)
+        self.stats = stats
+        self._epoch = 0
+        self._index = 0
+        self._perm_epoch: int | None = None
+        self._perm: list[int] = []
+
+    @classmethod
+    def from_jsonl(cls, paths: str | os.PathLike | Sequence[str | os.PathLike],
+                   tokenizer: "PreTrainedTokenizerBase", *, seq_length: int,
+                   seed: int) -> "SFTDataset":
+        samples, stats = load_sft_samples(paths, tokenizer, seq_length)
+        return cls(samples, seed=seed, stats=stats)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Sample:
+        return self.samples[i]
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def index(self) -> int:
+        return self._index
+
+    def permutation(self, epoch: int) -> list[int]:
+        """Sample indices in the order epoch `epoch` visits them."""
+        if epoch != self._perm_epoch:
+            digest = hashlib.sha256(f"q_tuning.data:{self.seed}:{epoch}".encode()).digest()
+            generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            self._perm = torch.randperm(len(self.samples), generator=generator).tolist()
+            self._perm_epoch = epoch
+        return self._perm
+
+    def batches_per_epoch(self, global_batch_size: int) -> int:
+        self._check_batch_size(global_batch_size)
+        return len(self.samples) // global_batch_size
+
+    def next_global_batch(self, global_batch_size: int) -> list[Sample]:
+        self._check_batch_size(global_batch_size)
+        if self._index + global_batch_size > len(self.samples):  # drop_last
+            self._epoch, self._index = self._epoch + 1, 0
+        return self.next_samples(global_batch_size)
+
+    def next_samples(self, n: int) -> list[Sample]:
+        if n < 0:
+            raise ValueError(f"next_samples: n must be >= 0, got {n}")
+        out = []
+        while len(out) < n:
+            perm = self.permutation(self._epoch)
+            take = min(n - len(out), len(perm) - self._index)
+            out.extend(self.samples[i] for i in perm[self._index:self._index + take])
+            self._index += take
+            if self._index == len(perm):
+                self._epoch, self._index = self._epoch + 1, 0
+        return out
+
+    def global_batches(self, global_batch_size: int) -> Iterator[list[Sample]]:
+        """Endless iterator of `next_global_batch(global_batch_size)`; the caller stops it."""
+        self._check_batch_size(global_batch_size)
+        while True:
+            yield self.next_global_batch(global_batch_size)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self._epoch, "index": self._index, "seed": self.seed,
+                "num_samples": len(self.samples)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if int(state["seed"]) != self.seed:
+            raise ValueError(f"the checkpoint's data order was drawn with --seed {state['seed']}, "
+                             f"this run has --seed {self.seed}; resume with the same seed")
+        num_samples = state.get("num_samples", len(self.samples))
+        if int(num_samples) != len(self.samples):
+            raise ValueError(f"the checkpoint was trained on {num_samples} samples, --data-path "
+                             f"now gives {len(self.samples)}; resume with the same data and "
+                             "--seq-length")
+        epoch, index = int(state["epoch"]), int(state["index"])
+        if epoch < 0 or not 0 <= index <= len(self.samples):
+            raise ValueError(f"invalid data position epoch={epoch} index={index} "
+                             f"for {len(self.samples)} samples")
+        self._epoch, self._index = epoch, index
+
+    def _check_batch_size(self, global_batch_size: int) -> None:
+        if not 1 <= global_batch_size <= len(self.samples):
+            raise ValueError(f"--global-batch-size {global_batch_size} must be in "
+                             f"[1, {len(self.samples)}] (the number of training samples)")

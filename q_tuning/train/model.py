@@ -1,0 +1,766 @@
+"""HF Llama / Qwen2 / Qwen3 checkpoints <-> megatron-core `GPTModel`, at any TP / PP / virtual-PP split.
+
+Public API:
+    SUPPORTED_ARCHITECTURES
+    hf_architecture(hf_config) -> str
+    padded_vocab_size(vocab_size, *, tp=1, make_vocab_size_divisible_by=128) -> int
+    transformer_config_from_hf(hf_config, *, tp=1, pp=1, vpp=None, cp=1, sequence_parallel=False,
+                               params_dtype=torch.float32, **overrides) -> TransformerConfig
+    build_gpt_model(hf_config, *, config=None, pre_process=None, post_process=None, vp_stage=None,
+                    make_vocab_size_divisible_by=128, use_transformer_engine=None) -> GPTModel
+    build_gpt_model_chunks(hf_config, *, config=None, **build_kwargs) -> list[GPTModel]
+    read_hf_config(path) -> PretrainedConfig
+    read_hf_checkpoint(path) -> (PretrainedConfig, Mapping[str, Tensor])
+    load_hf_weights(model_chunks, hf_state_dict_or_path) -> None
+    export_hf_state_dict(model_chunks, *, vocab_size=None, all_ranks=False) -> dict[str, Tensor]
+    save_hf_checkpoint(model_chunks, hf_config, tokenizer, out_dir) -> pathlib.Path
+
+Typical use (every rank, after `parallel_state.initialize_model_parallel`)::
+
+    hf_config, hf_weights = read_hf_checkpoint("path/to/hf_folder")   # or a .gguf file
+    config = transformer_config_from_hf(hf_config, tp=2, pp=2)
+    chunks = build_gpt_model_chunks(hf_config, config=config)        # one per virtual stage
+    load_hf_weights(chunks, hf_weights)       # before wrapping in DDP / building the optimizer
+    ...
+    save_hf_checkpoint(chunks, hf_config, tokenizer, "out/hf")       # collective
+
+Name mapping (HF `model.layers.<i>.` -> megatron `decoder.layers.<j>.`, where layer j of a chunk
+is global layer `layer_number - 1`, the offset megatron itself gave it for the PP/VPP stage):
+
+    model.embed_tokens.weight          embedding.word_embeddings.weight   vocab rows split over TP
+    input_layernorm.weight             input_layernorm.weight (local spec) or
+                                       self_attention.linear_qkv.layer_norm_weight (TE spec)
+    self_attn.{q,k,v}_proj.{weight,bias}
+                                       self_attention.linear_qkv.{weight,bias}: per KV group g,
+                                       [q heads of g; k_g; v_g], groups stacked; output dim split
+    self_attn.{q,k}_norm.weight        self_attention.{q,k}_layernorm.weight (Qwen3, per head)
+    self_attn.o_proj.weight            self_attention.linear_proj.weight  input dim split
+    post_attention_layernorm.weight    pre_mlp_layernorm.weight (local) or
+                                       mlp.linear_fc1.layer_norm_weight (TE)
+    mlp.{gate,up}_proj.weight          mlp.linear_fc1.weight: rank r holds [gate_r; up_r]
+    mlp.down_proj.weight               mlp.linear_fc2.weight              input dim split
+    model.norm.weight                  decoder.final_layernorm.weight
+    lm_head.weight                     output_layer.weight (untied; or, tied, the last stage's
+                                       copy of the embedding when it is not also the first)
+
+Vocabulary padding: like Megatron-LM, the megatron vocabulary is padded to a multiple of
+`make_vocab_size_divisible_by * tp` (`padded_vocab_size`). The padded rows of the embedding and
+the output layer are loaded as zeros and dropped on export, so the logits over the real vocabulary
+equal HF's; the padded columns are exactly 0 (not -inf). A loss over the padded logits (megatron's
+`vocab_parallel_cross_entropy`) therefore counts `padded - real` extra exp(0) terms in its
+normaliser unless the caller masks those columns; pass `make_vocab_size_divisible_by=1` to pad
+only to a multiple of `tp`.
+
+Composability: TP: column-parallel weights (linear_qkv, linear_fc1, output_layer, embedding) are
+split on their output/vocabulary dim, row-parallel ones (linear_proj, linear_fc2) on their input
+dim, as megatron marks them (`param.partition_dim`); KV heads fewer than TP (megatron replicates
+them) need no special case: the fused QKV tensor is split contiguously either way. PP / VPP: each
+chunk loads the layers megatron numbered into it. DP / CP: replicas, nothing to do (every rank
+loads the same shards). Loading reads only the tensors a rank needs (safetensors are memory-mapped).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import glob
+import json
+import logging
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Optional, Union
+
+import torch
+import torch.distributed as dist
+
+if TYPE_CHECKING:
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_config import TransformerConfig
+    from transformers import PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SUPPORTED_ARCHITECTURES", "hf_architecture", "padded_vocab_size",
+    "transformer_config_from_hf", "build_gpt_model", "build_gpt_model_chunks", "read_hf_config",
+    "read_hf_checkpoint", "load_hf_weights", "export_hf_state_dict", "save_hf_checkpoint",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Family:
+    model_type: str
+    qkv_bias: bool  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool   # per-head RMSNorm on queries and keys (Qwen3)
+
+
+SUPPORTED_ARCHITECTURES: dict[str, _Family] = {
+    "LlamaForCausalLM": _Family("llama", qkv_bias=False, qk_norm=False),
+    "Qwen2ForCausalLM": _Family("qwen2", qkv_bias=True, qk_norm=False),
+    "Qwen3ForCausalLM": _Family("qwen3", qkv_bias=False, qk_norm=True),
+}
+_BY_MODEL_TYPE = {f.model_type: arch for arch, f in SUPPORTED_ARCHITECTURES.items()}
+_HF_VOCAB_ATTR = "q_tuning_hf_vocab_size"  # set on each GPTModel by build_gpt_model
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+_MAX_SHARD_BYTES = 5 * 2**30  # HF's default max_shard_size
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+def hf_architecture(hf_config: "PretrainedConfig") -> str:
+    """The supported architecture name of `hf_config` (e.g. 'LlamaForCausalLM'), else ValueError."""
+    names = list(getattr(hf_config, "architectures", None) or [])
+    if not names and getattr(hf_config, "model_type", None) in _BY_MODEL_TYPE:
+        names = [_BY_MODEL_TYPE[hf_config.model_type]]
+    for name in names:
+        if name in SUPPORTED_ARCHITECTURES:
+            return name
+    found = ", ".join(names) or f"model_type {getattr(hf_config, 'model_type', None)!r}"
+    raise ValueError(f"unsupported HF architecture {found}: supported architectures are "
+                     f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def padded_vocab_size(vocab_size: int, *, tp: int = 1, make_vocab_size_divisible_by: int = 128) -> int:
+    """Megatron-LM's padding: the smallest multiple of `make_vocab_size_divisible_by * tp`."""
+    if make_vocab_size_divisible_by < 1 or tp < 1:
+        raise ValueError(f"make_vocab_size_divisible_by ({make_vocab_size_divisible_by}) and "
+                         f"tp ({tp}) must be >= 1")
+    multiple = make_vocab_size_divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def _head_dim(hf_config) -> int:
+    head_dim = getattr(hf_config, "head_dim", None)
+    return head_dim or hf_config.hidden_size // hf_config.num_attention_heads
+
+
+def _num_kv_heads(hf_config) -> int:
+    return getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads
+
+
+def _check_supported_features(hf_config, arch: str) -> None:
+    """Raise for options of a supported architecture that megatron's GPTModel cannot express."""
+    problems = []
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        problems.append(f"hidden_act={hf_config.hidden_act!r} (only 'silu', i.e. SwiGLU)")
+    if arch != "Qwen2ForCausalLM" and getattr(hf_config, "attention_bias", False):
+        problems.append("attention_bias=True (q/k/v/o biases)")
+    if getattr(hf_config, "mlp_bias", False):
+        problems.append("mlp_bias=True")
+    if getattr(hf_config, "use_sliding_window", False):
+        problems.append("use_sliding_window=True")
+    try:
+        _rope_scaling(hf_config)
+    except ValueError as err:
+        problems.append(str(err))
+    if problems:
+        raise ValueError(f"{arch}: unsupported configuration: {'; '.join(problems)}")
+
+
+def _rope_scaling(hf_config) -> tuple[bool, float]:
+    """(rope_scaling, factor) for GPTModel: none, or Llama-3.1 scaling with megatron's constants."""
+    scaling = getattr(hf_config, "rope_scaling", None)
+    if not scaling:
+        return False, 8.0
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind == "default":
+        return False, 8.0
+    # megatron's RotaryEmbedding._apply_scaling fixes these three; only the factor is free.
+    fixed = {"low_freq_factor": 1, "high_freq_factor": 4, "original_max_position_embeddings": 8192}
+    if kind == "llama3" and all(scaling.get(k) == v for k, v in fixed.items()):
+        return True, float(scaling["factor"])
+    raise ValueError(f"rope_scaling={scaling} (supported: none, or 'llama3' with {fixed})")
+
+
+def _check_divisibility(hf_config, tp: int, pp: int, vpp: Optional[int]) -> None:
+    """ValueError naming the model dimension that a parallel size does not divide."""
+    heads, kv = hf_config.num_attention_heads, _num_kv_heads(hf_config)
+    layers = hf_config.num_hidden_layers
+    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp or 1)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if heads % tp:
+        raise ValueError(f"num_attention_heads ({heads}) is not divisible by the tensor-parallel "
+                         f"size ({tp})")
+    if kv % tp and tp % kv:
+        raise ValueError(f"num_key_value_heads ({kv}) must be a multiple or a divisor of the "
+                         f"tensor-parallel size ({tp})")
+    if hf_config.intermediate_size % tp:
+        raise ValueError(f"intermediate_size (FFN hidden size, {hf_config.intermediate_size}) is "
+                         f"not divisible by the tensor-parallel size ({tp})")
+    if layers % (pp * (vpp or 1)):
+        what = f"pipeline size ({pp})" if vpp is None else \
+            f"pipeline size x virtual pipeline size ({pp} x {vpp})"
+        raise ValueError(f"num_hidden_layers ({layers}) is not divisible by the {what}")
+    if vpp is not None and pp == 1:
+        raise ValueError(f"a virtual pipeline size ({vpp}) needs a pipeline size > 1")
+
+
+def transformer_config_from_hf(hf_config: "PretrainedConfig", *, tp: int = 1, pp: int = 1,
+                               vpp: Optional[int] = None, cp: int = 1,
+                               sequence_parallel: bool = False,
+                               params_dtype: torch.dtype = torch.float32,
+                               **overrides: Any) -> "TransformerConfig":
+    """The megatron `TransformerConfig` of an HF Llama / Qwen2 / Qwen3 config at a parallel split.
+
+    Fused kernels stay off (megatron's defaults) so that the config also runs on CPU; pass
+    `overrides` (any `TransformerConfig` field, e.g. `bias_activation_fusion=True`,
+    `perform_initialization=False`, `calculate_per_token_loss=True`) to change that. Raises
+    ValueError for an unsupported architecture or option, or a parallel size that does not divide
+    the model (the dimension is named).
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    arch = hf_architecture(hf_config)
+    family = SUPPORTED_ARCHITECTURES[arch]
+    _check_supported_features(hf_config, arch)
+    _check_divisibility(hf_config, tp, pp, vpp)
+    kwargs = dict(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=_num_kv_heads(hf_config),
+        kv_channels=_head_dim(hf_config),  # Qwen3: head_dim != hidden_size / heads
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,            # SwiGLU: silu(gate) * up
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=family.qkv_bias,
+        qk_layernorm=family.qk_norm,
+        hidden_dropout=0.0,                # megatron defaults to 0.1; these models have none
+        attention_dropout=float(getattr(hf_config, "attention_dropout", 0.0) or 0.0),
+        init_method_std=getattr(hf_config, "initializer_range", 0.02),
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
+        context_parallel_size=cp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=not torch.cuda.is_available(),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+def _transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # ImportError, or a broken CUDA install raising something else
+        return False
+    return torch.cuda.is_available()
+
+
+def _layer_spec(config: "TransformerConfig", use_transformer_engine: bool):
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if use_transformer_engine:
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm,
+                                          normalization="RMSNorm")
+
+
+def build_gpt_model(hf_config: "PretrainedConfig", *, config: Optional["TransformerConfig"] = None,
+                    pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                    vp_stage: Optional[int] = None, make_vocab_size_divisible_by: int = 128,
+                    use_transformer_engine: Optional[bool] = None) -> "GPTModel":
+    """One megatron-core `GPTModel` (this rank's chunk `vp_stage`) for an HF config.
+
+    `config` defaults to `transformer_config_from_hf` at the current `parallel_state` sizes;
+    `pre_process` / `post_process` default to whether this chunk is the first / last pipeline
+    stage. Layer spec: transformer-engine's when it imports and CUDA is present (or as
+    `use_transformer_engine` says), megatron's local (pure PyTorch) spec otherwise. Weights are
+    megatron's initialisation: load real ones with `load_hf_weights`.
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    if config is None:
+        config = transformer_config_from_hf(
+            hf_config, tp=ps.get_tensor_model_parallel_world_size(),
+            pp=ps.get_pipeline_model_parallel_world_size(),
+            vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
+            cp=ps.get_context_parallel_world_size())
+    else:
+        _check_supported_features(hf_config, hf_architecture(hf_config))
+    if pre_process is None:
+        pre_process = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if use_transformer_engine is None:
+        use_transformer_engine = _transformer_engine_available()
+    rope_scaling, rope_factor = _rope_scaling(hf_config)
+    vocab = padded_vocab_size(hf_config.vocab_size, tp=config.tensor_model_parallel_size,
+                              make_vocab_size_divisible_by=make_vocab_size_divisible_by)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=_layer_spec(config, use_transformer_engine),
+        vocab_size=vocab,
+        max_sequence_length=hf_config.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        position_embedding_type="rope",
+        rotary_base=getattr(hf_config, "rope_theta", 10000.0),
+        rope_scaling=rope_scaling,
+        rope_scaling_factor=rope_factor,
+        vp_stage=vp_stage,
+    )
+    setattr(model, _HF_VOCAB_ATTR, hf_config.vocab_size)
+    return model
+
+
+def build_gpt_model_chunks(hf_config: "PretrainedConfig", *,
+                           config: Optional["TransformerConfig"] = None,
+                           **build_kwargs: Any) -> list["GPTModel"]:
+    """This rank's model chunks, one `GPTModel` per virtual pipeline stage (one without VPP),
+    as Megatron-LM's `get_model` builds them; `build_kwargs` go to `build_gpt_model`."""
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    if vpp is None:
+        return [build_gpt_model(hf_config, config=config, **build_kwargs)]
+    return [build_gpt_model(hf_config, config=config, vp_stage=stage, **build_kwargs)
+            for stage in range(vpp)]
+
+
+# --- reading HF checkpoints ----------------------------------------------------------------------
+
+class _SafetensorsFolder(Mapping):
+    """Read-only name -> tensor view of a folder's *.safetensors files, read lazily (mmap)."""
+
+    def __init__(self, folder: pathlib.Path):
+        from safetensors import safe_open
+
+        index = folder / _SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(os.path.basename(p) for p in glob.glob(str(folder / "*.safetensors")))
+        self._handles = {f: safe_open(str(folder / f), framework="pt") for f in files}
+        self._where = {name: f for f, h in self._handles.items() for name in h.keys()}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def _resolve(path: Union[str, os.PathLike]) -> tuple[pathlib.Path, Optional[str]]:
+    """(folder, gguf file name or None) for an HF folder, a .gguf file, or a folder of one."""
+    path = pathlib.Path(path)
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if not path.is_dir():
+        raise FileNotFoundError(f"HF checkpoint {path}: not a folder or a .gguf file")
+    if glob.glob(str(path / "*.safetensors")):
+        return path, None
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return path, ggufs[0]
+    raise FileNotFoundError(f"HF checkpoint {path}: no *.safetensors files"
+                            + (f" and several .gguf files {ggufs}: name one" if ggufs else
+                               " and no .gguf file"))
+
+
+def read_hf_config(path: Union[str, os.PathLike]) -> "PretrainedConfig":
+    """The transformers config of an HF folder or a GGUF file (read locally, never downloaded)."""
+    from transformers import AutoConfig
+
+    folder, gguf = _resolve(path)
+    kwargs = {"gguf_file": gguf} if gguf else {}
+    return AutoConfig.from_pretrained(str(folder), local_files_only=True, **kwargs)
+
+
+def read_hf_checkpoint(path: Union[str, os.PathLike]
+                       ) -> tuple["PretrainedConfig", Mapping[str, torch.Tensor]]:
+    """(config, name -> tensor) of an HF folder with safetensors (read lazily) or a GGUF file.
+
+    GGUF goes through transformers (`from_pretrained(folder, gguf_file=...)`, de-quantised to
+    fp32); its weights are the HF model's `state_dict()`. Its config may carry quantizer
+    markers: `save_hf_checkpoint` drops them.
+    """
+    folder, gguf = _resolve(path)
+    if gguf is None:
+        return read_hf_config(folder), _SafetensorsFolder(folder)
+    from transformers import AutoModelForCausalLM
+
+    import transformers
+
+    # transformers >= 4.56 renamed torch_dtype to dtype (the old name warns, then goes in 5.x)
+    old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
+    dtype_kwarg = {"torch_dtype" if old else "dtype": torch.float32}
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf,
+                                                 local_files_only=True, **dtype_kwarg)
+    return model.config, model.state_dict()
+
+
+# --- megatron <-> HF tensors ---------------------------------------------------------------------
+
+# Megatron name inside `decoder.layers.<j>.` -> HF name inside `model.layers.<i>.`.
+_LAYER_RENAMES = {
+    "input_layernorm.weight": "input_layernorm.weight",                       # local spec
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",  # TE spec
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",            # local spec
+    "mlp.linear_fc1.layer_norm_weight": "post_attention_layernorm.weight",    # TE spec
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_QKV = {"self_attention.linear_qkv.weight": "weight", "self_attention.linear_qkv.bias": "bias"}
+_FC1 = "mlp.linear_fc1.weight"
+_EMBED, _FINAL_NORM, _OUTPUT = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
+                                "output_layer.weight")
+# HF's own order of a layer's tensors (module registration order), for tidy exports.
+_HF_LAYER_ORDER = [f"self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")] + [
+    "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight",
+    "mlp.up_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight",
+    "post_attention_layernorm.weight"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Param:
+    """One megatron parameter of a chunk and where its full tensor comes from in HF."""
+
+    name: str                # megatron name in its chunk
+    param: torch.nn.Parameter
+    kind: str                # 'copy', 'qkv', 'fc1', 'vocab'
+    hf_names: tuple          # HF tensors that make up (kind 'qkv', 'fc1': are fused into) it
+    layer: Optional[int]     # global layer index, None outside the decoder layers
+
+
+def _unwrap(chunk) -> "GPTModel":
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def _chunk_params(model: "GPTModel") -> Iterator[_Param]:
+    """Every parameter of `model` with its HF source; ValueError for one this module cannot map."""
+    tied = model.share_embeddings_and_output_weights
+    for name, param in model.named_parameters():
+        if name == _EMBED:
+            yield _Param(name, param, "vocab", ("model.embed_tokens.weight",), None)
+        elif name == _OUTPUT:  # a tied model's last stage holds a copy of the embedding
+            hf = "model.embed_tokens.weight" if tied else "lm_head.weight"
+            yield _Param(name, param, "vocab", (hf,), None)
+        elif name == _FINAL_NORM:
+            yield _Param(name, param, "copy", ("model.norm.weight",), None)
+        elif (m := re.fullmatch(r"decoder\.layers\.(\d+)\.(.+)", name)):
+            layer = model.decoder.layers[int(m.group(1))].layer_number - 1
+            prefix, rest = f"model.layers.{layer}.", m.group(2)
+            if rest in _LAYER_RENAMES:
+                yield _Param(name, param, "copy", (prefix + _LAYER_RENAMES[rest],), layer)
+            elif rest in _QKV:
+                hf = tuple(f"{prefix}self_attn.{p}_proj.{_QKV[rest]}" for p in "qkv")
+                yield _Param(name, param, "qkv", hf, layer)
+            elif rest == _FC1:
+                hf = (f"{prefix}mlp.gate_proj.weight", f"{prefix}mlp.up_proj.weight")
+                yield _Param(name, param, "fc1", hf, layer)
+            else:
+                raise ValueError(f"megatron parameter {name} has no HF counterpart here")
+        else:
+            raise ValueError(f"megatron parameter {name} has no HF counterpart here")
+
+
+def _qkv_to_mcore(q, k, v, config) -> torch.Tensor:
+    """HF q [nh*d, ...], k/v [ng*d, ...] -> megatron's grouped [ng*(nh/ng+2)*d, ...]."""
+    ng, d = config.num_query_groups, config.kv_channels
+    rest = q.shape[1:]
+    q = q.reshape(ng, -1, *rest)                     # [ng, nh/ng*d, ...]
+    k, v = k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)
+    return torch.cat([q, k, v], dim=1).reshape(-1, *rest)
+
+
+def _qkv_to_hf(qkv, config) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ng, d = config.num_query_groups, config.kv_channels
+    rest = qkv.shape[1:]
+    grouped = qkv.reshape(ng, -1, *rest)             # [ng, (nh/ng+2)*d, ...]
+    q_rows = grouped.shape[1] - 2 * d
+    q, k, v = grouped.split([q_rows, d, d], dim=1)
+    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(),
+            v.reshape(-1, *rest).contiguous())
+
+
+def _tp(group) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def _full_shape(p: _Param, tp: int) -> torch.Size:
+    shape = list(p.param.shape)
+    if getattr(p.param, "tensor_model_parallel", False):
+        shape[p.param.partition_dim] *= tp
+    return torch.Size(shape)
+
+
+def _shard(full: torch.Tensor, p: _Param, tp: int, rank: int) -> torch.Tensor:
+    """This TP rank's piece of the full (TP=1 layout) megatron tensor of `p`."""
+    if not getattr(p.param, "tensor_model_parallel", False) or tp == 1:
+        return full
+    dim = p.param.partition_dim
+    if p.kind == "fc1":  # full [gate; up] -> local [gate_r; up_r]
+        return torch.cat([half.chunk(tp, dim)[rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(tp, dim)[rank]
+
+
+def _unshard(shards: list, p: _Param) -> torch.Tensor:
+    """Inverse of `_shard` over the TP ranks' pieces (in TP rank order)."""
+    if len(shards) == 1:
+        return shards[0]
+    dim = p.param.partition_dim
+    if p.kind == "fc1":  # local [gate_r; up_r] -> full [gate; up]
+        halves = [s.chunk(2, dim) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
+    return torch.cat(shards, dim)
+
+
+def _full_from_hf(p: _Param, hf: Mapping[str, torch.Tensor], config, full_shape) -> torch.Tensor:
+    tensors = [hf[n] for n in p.hf_names]
+    if p.kind == "qkv":
+        return _qkv_to_mcore(*tensors, config)
+    if p.kind == "fc1":
+        return torch.cat(tensors, dim=0)
+    if p.kind == "vocab":  # pad rows (vocabulary) with zeros up to megatron's padded size
+        (table,) = tensors
+        if table.shape[0] > full_shape[0]:
+            raise ValueError(f"{p.hf_names[0]}: vocabulary {table.shape[0]} exceeds the model's "
+                             f"padded vocabulary {full_shape[0]}")
+        padded = table.new_zeros(full_shape)
+        padded[: table.shape[0]] = table
+        return padded
+    return tensors[0]
+
+
+def _to_hf(p: _Param, full: torch.Tensor, config, vocab_size: int) -> dict[str, torch.Tensor]:
+    if p.kind == "qkv":
+        return dict(zip(p.hf_names, _qkv_to_hf(full, config)))
+    if p.kind == "fc1":
+        gate, up = full.chunk(2, dim=0)
+        return {p.hf_names[0]: gate.contiguous(), p.hf_names[1]: up.contiguous()}
+    if p.kind == "vocab":
+        return {p.hf_names[0]: full[:vocab_size].contiguous()}
+    return {p.hf_names[0]: full}
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+def _hf_layer(name: str) -> Optional[int]:
+    m = re.match(r"model\.layers\.(\d+)\.", name)
+    return int(m.group(1)) if m else None
+
+
+def load_hf_weights(model_chunks, hf_state_dict_or_path: Union[Mapping[str, torch.Tensor], str,
+                                                                os.PathLike]) -> None:
+    """Copy this rank's shards of an HF checkpoint into its model chunks (in place).
+
+    `hf_state_dict_or_path`: HF names -> full tensors (e.g. `hf_model.state_dict()`), or a path
+    for `read_hf_checkpoint` (safetensors folder, or GGUF). Every megatron parameter is written
+    (padded vocabulary rows with zeros), and every HF tensor of the layers this rank holds must be
+    used (else ValueError: an option this module does not convert). Call it before wrapping the
+    chunks in DDP and building the optimizer (whose fp32 main parameters copy the weights).
+    Not collective.
+    """
+    hf = hf_state_dict_or_path
+    if not isinstance(hf, Mapping):
+        hf = read_hf_checkpoint(hf)[1]
+    chunks = [_unwrap(c) for c in (model_chunks if isinstance(model_chunks, list)
+                                   else [model_chunks])]
+    used, layers = set(), set()
+    for model in chunks:
+        tp, rank = _tp(model.tp_group)
+        for p in _chunk_params(model):
+            missing = [n for n in p.hf_names if n not in hf]
+            if missing:
+                raise ValueError(f"HF checkpoint lacks {missing} (needed for megatron {p.name})")
+            full_shape = _full_shape(p, tp)
+            try:
+                full = _full_from_hf(p, hf, model.config, full_shape)
+            except RuntimeError as err:  # a reshape that does not fit the config
+                raise ValueError(f"HF {list(p.hf_names)} do not fit megatron {p.name} "
+                                 f"{tuple(full_shape)}: {err}") from err
+            if full.shape != full_shape:
+                raise ValueError(f"HF {list(p.hf_names)} give shape {tuple(full.shape)}, megatron "
+                                 f"{p.name} needs {tuple(full_shape)}")
+            with torch.no_grad():
+                p.param.copy_(_shard(full, p, tp, rank))
+            used.update(p.hf_names)
+            layers.add(p.layer)
+    unused = sorted(n for n in hf if _hf_layer(n) in layers - {None} and n not in used
+                    and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        raise ValueError(f"HF tensors not converted (unsupported option?): {unused[:8]}"
+                         + (f" and {len(unused) - 8} more" if len(unused) > 8 else ""))
+
+
+# --- exporting -----------------------------------------------------------------------------------
+
+def _gather_tp(tensor: torch.Tensor, group, tp: int) -> list:
+    if tp == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(tp)]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def _hf_sort_key(name: str) -> tuple:
+    layer = _hf_layer(name)
+    if layer is not None:
+        suffix = name.split(".", 3)[3]
+        order = _HF_LAYER_ORDER.index(suffix) if suffix in _HF_LAYER_ORDER else len(_HF_LAYER_ORDER)
+        return (1, layer, order, name)
+    head = {"model.embed_tokens.weight": 0, "model.norm.weight": 2, "lm_head.weight": 3}
+    return (head.get(name, 4), 0, 0, name)
+
+
+def export_hf_state_dict(model_chunks, *, vocab_size: Optional[int] = None,
+                         all_ranks: bool = False) -> dict[str, torch.Tensor]:
+    """The full HF state dict (CPU tensors in the parameters' dtype, HF names and order) of a
+    split model: the inverse of `load_hf_weights`.
+
+    Collective over the tensor- and pipeline-parallel groups (every rank calls it). Returns the
+    dict on the ranks of the first pipeline stage (every TP rank there, every DP replica), `{}`
+    elsewhere, or on every rank with `all_ranks`. With tied embeddings `lm_head.weight` is the
+    same tensor as `model.embed_tokens.weight`, as in `hf_model.state_dict()`. `vocab_size` (HF's,
+    without megatron's padding) defaults to the one `build_gpt_model` recorded on the chunks.
+    """
+    from megatron.core import parallel_state as ps
+
+    chunks = [_unwrap(c) for c in (model_chunks if isinstance(model_chunks, list)
+                                   else [model_chunks])]
+    if vocab_size is None:
+        vocab_size = getattr(chunks[0], _HF_VOCAB_ATTR, None)
+        if vocab_size is None:
+            raise ValueError("export_hf_state_dict: pass vocab_size= (the chunks were not built "
+                             "by build_gpt_model, which records it)")
+    tied = chunks[0].share_embeddings_and_output_weights
+    local: dict[str, torch.Tensor] = {}
+    for model in chunks:
+        tp, _ = _tp(model.tp_group)
+        for p in _chunk_params(model):
+            if p.name == _OUTPUT and tied:
+                continue  # the last stage's copy of the embedding; stage 0 exports the original
+            sharded = getattr(p.param, "tensor_model_parallel", False)
+            shards = _gather_tp(p.param.detach(), model.tp_group, tp if sharded else 1)
+            full = _unshard([s.cpu() for s in shards], p)
+            for name, tensor in _to_hf(p, full, model.config, vocab_size).items():
+                local[name] = tensor.clone()
+    pp_group = chunks[0].pp_group
+    pp = dist.get_world_size(pp_group) if pp_group is not None and dist.is_initialized() else 1
+    if pp > 1:
+        first = dist.get_process_group_ranks(pp_group)[0]
+        parts = [None] * pp if all_ranks or dist.get_rank() == first else None
+        if all_ranks:
+            dist.all_gather_object(parts, local, group=pp_group)
+        else:
+            dist.gather_object(local, parts, dst=first, group=pp_group)
+        if parts is None:
+            return {}
+        local = {k: v for part in parts for k, v in part.items()}
+    if tied:
+        local["lm_head.weight"] = local["model.embed_tokens.weight"]
+    return {k: local[k] for k in sorted(local, key=_hf_sort_key)}
+
+
+# --- saving --------------------------------------------------------------------------------------
+
+def _write_safetensors(state_dict: dict[str, torch.Tensor], folder: pathlib.Path) -> None:
+    """HF layout: model.safetensors, or shards of <= 5 GiB with model.safetensors.index.json."""
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for name, tensor in state_dict.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > _MAX_SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[name] = tensor.contiguous()
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
+    total = sum(t.numel() * t.element_size() for t in state_dict.values())
+    (folder / _SAFETENSORS_INDEX).write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def _clean_config(hf_config: "PretrainedConfig", dtype: torch.dtype) -> "PretrainedConfig":
+    """A copy to save next to the exported weights: dtype recorded, GGUF quantizer markers off."""
+    config = copy.deepcopy(hf_config)
+    for attr in ("quantization_config", "_pre_quantization_dtype"):
+        if attr in vars(config):
+            delattr(config, attr)
+    if not getattr(config, "architectures", None):
+        config.architectures = [hf_architecture(config)]
+    if isinstance(getattr(type(config), "torch_dtype", None), property):
+        config.dtype = dtype        # transformers >= 4.56 (torch_dtype is a deprecated alias)
+    else:
+        config.torch_dtype = dtype
+    return config
+
+
+def save_hf_checkpoint(model_chunks, hf_config: "PretrainedConfig", tokenizer,
+                       out_dir: Union[str, os.PathLike]) -> pathlib.Path:
+    """Write the model as an HF folder (safetensors, config.json, tokenizer files) at `out_dir`.
+
+    Collective (it calls `export_hf_state_dict`); global rank 0 writes. The folder is written
+    under a temporary name beside `out_dir` and renamed into place, so `out_dir` is either the old
+    folder or the complete new one, never a partial one. `tokenizer` may be None. Tied embeddings
+    are saved once (as HF does: no `lm_head.weight`). Returns `out_dir`.
+    """
+    out_dir = pathlib.Path(out_dir)
+    state_dict = export_hf_state_dict(model_chunks)
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        if getattr(hf_config, "tie_word_embeddings", False):
+            state_dict.pop("lm_head.weight", None)
+        dtype = next(iter(state_dict.values())).dtype
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        try:
+            _write_safetensors(state_dict, tmp)
+            _clean_config(hf_config, dtype).save_pretrained(str(tmp))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp))
+            _replace_dir(tmp, out_dir)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        logger.info("saved HF checkpoint (%d tensors, %s) to %s", len(state_dict), dtype, out_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    return out_dir
+
+
+def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:
+    """Rename `new` to `target`; an existing `target` is moved aside first and then removed."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,178 @@
+"""Rank workers for tests/test_pruner.py (module level, so spawned processes can import them)."""
+
+from __future__ import annotations
+
+import torch
+
+from q_tuning import QTuningConfig, QTuningPruner
+from tests.harness.megatron import (build_tiny_gpt, causal_attention_mask, destroy_parallel,
+                                    full_state_dict, init_parallel, unwrap)
+
+MODEL = dict(vocab=96, layers=4, hidden=32, heads=4, seed=11)
+
+
+def global_batch(n: int = 12, seed: int = 3, vocab: int = MODEL["vocab"], min_len: int = 5,
+                 max_len: int = 29) -> dict:
+    """Samples of varied length: a prompt (mask 0) then a response (mask 1), every third one with
+    a second prompt turn inside the response (a gap in the mask)."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, masks = [], []
+    for i in range(n):
+        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+        tok = torch.randint(0, vocab, (length,), generator=g)
+        mask = torch.zeros(length, dtype=torch.long)
+        prompt = int(torch.randint(1, max(2, length // 2), (1,), generator=g))
+        mask[prompt:] = 1
+        if i % 3 == 0 and length - prompt > 6:
+            mask[prompt + 2:prompt + 4] = 0
+        tokens.append(tok)
+        masks.append(mask)
+    return {"tokens": tokens, "loss_masks": masks, "uid": list(range(n))}
+
+
+def dp_share(batch: dict, dp_rank: int, dp_size: int) -> dict:
+    n = len(batch["tokens"])
+    bounds = [n * r // dp_size for r in range(dp_size + 1)]
+    return {k: v[bounds[dp_rank]:bounds[dp_rank + 1]] for k, v in batch.items()}
+
+
+def _dp():
+    from megatron.core import parallel_state as ps
+
+    return ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+
+
+def _decision(pruner) -> dict:
+    d = pruner.last_decision
+    return {"keep": d.selection.keep.tolist(), "quadrant": d.selection.quadrant.tolist(),
+            "ppl": d.sample_ppl.tolist(), "ent": d.sample_entropy.tolist(),
+            "level": d.selection.level}
+
+
+def prune_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
+                 pruner_kwargs: dict | None = None):
+    init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
+    try:
+        chunks = build_tiny_gpt(**MODEL)
+        dp_rank, dp_size = _dp()
+        pruner = QTuningPruner(QTuningConfig(**config), log=False, **(pruner_kwargs or {}))
+        new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size))
+        return {**_decision(pruner), "report": report, "dp_rank": dp_rank,
+                "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])},
+                "new_tokens": [t.tolist() for t in new_batch["tokens"]]}
+    finally:
+        destroy_parallel()
+
+
+def reference_worker(rank, world_size, batch: dict):
+    """Plain per-sample forward of the same model, float64 softmax over the full vocabulary."""
+    init_parallel()
+    try:
+        (model,) = build_tiny_gpt(**MODEL)
+        model.eval()
+        out = []
+        with torch.no_grad():
+            for tok in batch["tokens"]:
+                n = tok.numel()
+                logits = model(tok[None], torch.arange(n)[None], causal_attention_mask(1, n))
+                logp = torch.log_softmax(logits[0, :-1].double(), dim=-1)  # predicts tokens 1..n-1
+                nll = torch.zeros(n, dtype=torch.float64)
+                ent = torch.zeros(n, dtype=torch.float64)
+                nll[1:] = -logp.gather(1, tok[1:, None])[:, 0]
+                ent[1:] = -(logp.exp() * logp).sum(-1)
+                out.append((nll, ent))
+        return out
+    finally:
+        destroy_parallel()
+
+
+def _wrap_ddp(chunks):
+    from megatron.core.distributed import (DistributedDataParallel,
+                                           DistributedDataParallelConfig, finalize_model_grads)
+
+    wrapped = []
+    for i, chunk in enumerate(chunks):
+        chunk.config.calculate_per_token_loss = True
+        chunk.config.finalize_model_grads_func = finalize_model_grads
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
+                                                   overlap_grad_reduce=False)
+        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
+                                               module=chunk, disable_bucketing=i > 0))
+    return wrapped
+
+
+def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
+                      micro_batch_size: int):
+    """One pruned step: prune, then forward-backward on the new batch with DDP and the per-token
+    loss. Returns the full gradients, the kept masks, and every training forward's input rows."""
+    from q_tuning.parallel.training import forward_backward
+
+    init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
+    try:
+        chunks = _wrap_ddp(build_tiny_gpt(**MODEL))
+        dp_rank, dp_size = _dp()
+        pruner = QTuningPruner(QTuningConfig(**config), log=False)
+        new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size))
+        seen_rows: list[list[int]] = []
+        hooks = [unwrap(c).register_forward_pre_hook(
+            lambda mod, args: seen_rows.extend(args[0].tolist())) for c in chunks]
+        for c in chunks:
+            c.zero_grad_buffer()
+        forward_backward(chunks, new_batch, micro_batch_size=micro_batch_size)
+        for h in hooks:
+            h.remove()
+        grads = full_state_dict(chunks, grads=True)
+        return {"grads": grads, "seen_rows": seen_rows, "report": report, "dp_rank": dp_rank,
+                "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])}}
+    finally:
+        destroy_parallel()
+
+
+def reference_grads_worker(rank, world_size, batch: dict, kept_masks: dict):
+    """Gradient of the mean token loss over exactly the kept tokens of the kept samples."""
+    init_parallel()
+    try:
+        (model,) = build_tiny_gpt(**MODEL)
+        model.train()
+        total, count = 0.0, 0
+        for uid, mask in kept_masks.items():
+            tok = batch["tokens"][uid]
+            n = tok.numel()
+            logits = model(tok[None], torch.arange(n)[None], causal_attention_mask(1, n))
+            nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tok[1:],
+                                                    reduction="none")
+            m = torch.tensor(mask[1:], dtype=torch.float32)
+            total = total + (nll * m).sum()
+            count += int(m.sum())
+        (total / count).backward()
+        return full_state_dict([model], grads=True)
+    finally:
+        destroy_parallel()
+
+
+def bad_input_worker(rank, world_size, case: str, pruner_kwargs: dict | None = None):
+    """Every rank must raise the same ValueError (no hang), whichever rank holds the bad input."""
+    init_parallel()
+    try:
+        chunks = build_tiny_gpt(**MODEL)
+        batch = dp_share(global_batch(8), rank, world_size)
+        if case == "empty":
+            batch = {"tokens": [], "loss_masks": []}
+        elif case == "no_loss_tokens":
+            batch["loss_masks"] = [torch.zeros_like(m) for m in batch["loss_masks"]]
+        elif case == "too_long" and rank == 1:
+            batch["tokens"][0] = torch.zeros(50, dtype=torch.long)
+            batch["loss_masks"][0] = torch.ones(50, dtype=torch.long)
+        elif case == "mismatched" and rank == 0:
+            batch["loss_masks"][1] = batch["loss_masks"][1][:-1]
+        elif case == "some_unplaceable":
+            batch["loss_masks"][0] = torch.zeros_like(batch["loss_masks"][0])
+        pruner = QTuningPruner(QTuningConfig(sample_keep_ratio=0.5), log=False,
+                               **(pruner_kwargs or {}))
+        try:
+            _, report = pruner.prune(chunks, batch)
+        except ValueError as e:
+            return {"error": str(e)}
+        return {"report": report}
+    finally:
+        destroy_parallel()

@@ -1,0 +1,164 @@
+"""QTuningPruner on real megatron-core models: equivalence across TP/PP/VPP/CP/DP splits,
+gradients of a pruned step, compute saving, bad input. Each case runs gloo processes with a
+timeout, so a distributed hang fails the test instead of blocking the suite."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from q_tuning import select_samples, token_keep_mask
+from tests import _pruner_dist as W
+from tests.harness.launch import run_distributed
+
+CONFIG = dict(sample_keep_ratio=0.5, token_keep_ratio=0.6, neighbor_lambda=0.5)
+BATCH = W.global_batch(12)
+TIMEOUT = 240
+
+# name: (world, tp, pp, cp, vpp)
+SPLITS = {
+    "tp2": (2, 2, 1, 1, None),
+    "pp2": (2, 1, 2, 1, None),
+    "pp2_vpp2": (2, 1, 2, 1, 2),
+    "cp2": (2, 1, 1, 2, None),
+    "dp2": (2, 1, 1, 1, None),
+    "tp2_pp2": (4, 2, 2, 1, None),
+    "tp2_dp2": (4, 2, 1, 1, None),
+}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """Per-sample statistics from a plain forward, then the algorithm core applied directly."""
+    (per_sample,) = run_distributed(W.reference_worker, 1, BATCH, timeout=TIMEOUT)
+    ppl, ent, masks = [], [], {}
+    targets = [torch.cat([torch.zeros(1, dtype=torch.bool), m[1:].bool()]) for m in BATCH["loss_masks"]]
+    for (nll, e), t in zip(per_sample, targets):
+        ppl.append(math.exp(float(nll[t].mean())))
+        ent.append(float(e[t].mean()))
+    sel = select_samples(torch.tensor(ppl, dtype=torch.float64),
+                         torch.tensor(ent, dtype=torch.float64), CONFIG["sample_keep_ratio"])
+    for i in sel.keep.nonzero().flatten().tolist():
+        mask = BATCH["loss_masks"][i].clone()
+        if int(sel.quadrant[i]) == 2:
+            keep = token_keep_mask(per_sample[i][0][None].float(), targets[i][None],
+                                   CONFIG["token_keep_ratio"], CONFIG["neighbor_lambda"])[0]
+            mask = keep.long()
+        masks[i] = mask.tolist()
+    return {"ppl": ppl, "ent": ent, "keep": sel.keep.tolist(), "quadrant": sel.quadrant.tolist(),
+            "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def single(reference):
+    (out,) = run_distributed(W.prune_worker, 1, 1, 1, 1, None, CONFIG, BATCH, timeout=TIMEOUT)
+    return out
+
+
+def _union_of_new_batches(outs):
+    new = {}
+    for o in outs:
+        for uid, mask in o["new"].items():
+            assert new.setdefault(uid, mask) == mask, "replicas of a DP rank disagree"
+    return new
+
+
+def _assert_same_decision(out, ref, rel=1e-5):
+    assert out["keep"] == ref["keep"]
+    assert out["quadrant"] == ref["quadrant"]
+    for a, b in zip(out["ppl"], ref["ppl"]):
+        assert a == pytest.approx(b, rel=rel)
+    for a, b in zip(out["ent"], ref["ent"]):
+        assert a == pytest.approx(b, rel=rel)
+
+
+def test_single_process_equals_reference(single, reference):
+    _assert_same_decision(single, reference)
+    assert single["new"] == reference["masks"]
+    r = single["report"]
+    assert r["kept_samples"] == 6 and r["total_samples"] == 12
+    assert sum(r["quadrant_counts"].values()) == 12
+    assert r["kept_tokens"] == sum(sum(m[1:]) for m in reference["masks"].values())
+    assert r["total_tokens"] == sum(int(m[1:].sum()) for m in BATCH["loss_masks"])
+
+
+@pytest.mark.parametrize("split", list(SPLITS))
+def test_split_equals_single_process(split, single):
+    world, tp, pp, cp, vpp = SPLITS[split]
+    outs = run_distributed(W.prune_worker, world, tp, pp, cp, vpp, CONFIG, BATCH, timeout=TIMEOUT)
+    for out in outs:  # bit-identical decision on every rank
+        assert out["keep"] == outs[0]["keep"] and out["ppl"] == outs[0]["ppl"]
+        _assert_same_decision(out, single)
+        assert out["report"]["quadrant_counts"] == single["report"]["quadrant_counts"]
+        assert out["report"]["kept_tokens"] == single["report"]["kept_tokens"]
+    assert _union_of_new_batches(outs) == single["new"]
+    sizes = {o["dp_rank"]: len(o["new"]) for o in outs}
+    assert max(sizes.values()) - min(sizes.values()) <= 1
+
+
+def test_packed_rows_equal_padded_rows(single):
+    (out,) = run_distributed(W.prune_worker, 1, 1, 1, 1, None, CONFIG, BATCH,
+                             {"max_tokens_per_gpu": 64}, timeout=TIMEOUT)
+    _assert_same_decision(out, single)
+    assert out["new"] == single["new"]
+
+
+def test_packed_rows_under_context_parallel(single):
+    outs = run_distributed(W.prune_worker, 2, 1, 1, 2, None, CONFIG, BATCH,
+                           {"max_tokens_per_gpu": 64}, timeout=TIMEOUT)
+    for out in outs:
+        _assert_same_decision(out, single)
+    assert _union_of_new_batches(outs) == single["new"]
+
+
+@pytest.mark.parametrize("split", ["single", "dp2", "tp2_pp2", "cp2"])
+def test_pruned_step_gradients_equal_kept_token_mean(split):
+    world, tp, pp, cp, vpp = (1, 1, 1, 1, None) if split == "single" else SPLITS[split]
+    outs = run_distributed(W.train_step_worker, world, tp, pp, cp, vpp, CONFIG, BATCH, 2,
+                           timeout=TIMEOUT)
+    kept = _union_of_new_batches(outs)
+    (ref,) = run_distributed(W.reference_grads_worker, 1, BATCH, kept, timeout=TIMEOUT)
+    for out in outs:
+        assert set(out["grads"]) == set(ref)
+        for name, g in ref.items():
+            torch.testing.assert_close(out["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_dropped_samples_never_enter_the_training_forward():
+    outs = run_distributed(W.train_step_worker, 2, 1, 1, 1, None, CONFIG, BATCH, 2,
+                           timeout=TIMEOUT)
+    kept = _union_of_new_batches(outs)
+    rows = [row for o in outs for row in o["seen_rows"]]
+    def forwarded(uid):
+        tok = BATCH["tokens"][uid].tolist()
+        return any(row[:len(tok)] == tok for row in rows)
+    assert len(kept) == 6
+    for uid in range(len(BATCH["tokens"])):
+        assert forwarded(uid) == (uid in kept), uid
+    # nothing but the kept samples (and padding) was forwarded
+    assert sum(1 for row in rows if any(row)) == len(kept)
+
+
+@pytest.mark.parametrize("case,expected", [
+    ("empty", "the global batch is empty"),
+    ("no_loss_tokens", "no sample of the batch can be placed"),
+    ("too_long", "rank 1: sample 0 of this data-parallel rank has 50 tokens, more than --seq-length 40"),
+    ("mismatched", "rank 0: sample 1 of this data-parallel rank: 'loss_masks' entry has shape"),
+])
+def test_bad_input_fails_on_every_rank_without_hanging(case, expected):
+    outs = run_distributed(W.bad_input_worker, 2, case, {"seq_length": 40}, timeout=120)
+    errors = [o.get("error") for o in outs]
+    assert all(e is not None and expected in e for e in errors), errors
+    assert errors[0] == errors[1]
+    assert "Q-Tuning step 1" in errors[0]
+
+
+def test_unplaceable_samples_are_counted_not_fatal():
+    outs = run_distributed(W.bad_input_worker, 2, "some_unplaceable", timeout=120)
+    for o in outs:
+        r = o["report"]
+        assert r["unplaceable_samples"] == 2  # sample 0 of each DP rank
+        assert sum(r["quadrant_counts"].values()) == r["total_samples"] - 2
+        assert r["kept_samples"] == 3  # floor(0.5 * 6 + 0.5)
