@@ -76,3 +76,14 @@ def test_assignment_is_balanced_and_complete(seed):
         loads = [sum(lengths[i] for i in p) for p in parts]
         # longest-first greedy: no rank carries more than the mean plus one longest sample
         assert max(loads) <= sum(lengths) / ranks + max(lengths)
+
+
+def test_grouped_lengths_pad_each_micro_batch_to_its_own_longest_row():
+    lengths = [5, 30, 7, 28, 6, 29]
+    toks, masks = samples(lengths)
+    layout = plan_rows(lengths, rows_per_micro_batch=2, length_multiple=4, uniform_length=False)
+    assert layout.rows == [[1], [5], [3], [2], [4], [0]]
+    mbs = build_micro_batches(toks, masks, layout)
+    assert [mb["tokens"].shape[1] for mb in mbs] == [32, 28, 8]
+    targets = sum(int(mb["loss_mask"].sum()) for mb in mbs)
+    assert targets == sum(int(m[1:].sum()) for m in masks)

@@ -27,7 +27,18 @@ class RowLayout:
 
     rows: list[list[int]]  # sample indices per row, in order
     rows_per_micro_batch: int
-    seq_length: int
+    seq_length: int  # the longest row, rounded up to `length_multiple`
+    length_multiple: int = 1
+    # False: every micro-batch is padded only to its own longest row. Allowed without pipeline
+    # parallelism, where no p2p buffer fixes the shape; with rows grouped by length it removes
+    # most padding.
+    uniform_length: bool = True
+
+    def micro_batch_length(self, rows: list[list[int]], lengths: Sequence[int]) -> int:
+        if self.uniform_length:
+            return self.seq_length
+        longest = max((sum(lengths[i] for i in row) for row in rows), default=1)
+        return round_up(max(longest, 1), self.length_multiple)
 
     @property
     def num_micro_batches(self) -> int:
@@ -44,11 +55,13 @@ def round_up(value: int, multiple: int) -> int:
 
 def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None,
               max_tokens_per_row: int | None = None, seq_length: int | None = None,
-              length_multiple: int = 1) -> RowLayout:
+              length_multiple: int = 1, uniform_length: bool = True) -> RowLayout:
     """Lay samples out in rows: one per row, or packed first-fit under `max_tokens_per_row`.
 
     `seq_length` (the row length every micro-batch is padded to, a megatron p2p shape) defaults to
     the longest row, rounded up to `length_multiple` (2*cp, and tp with sequence parallelism).
+    With `uniform_length=False` (no pipeline parallelism) rows are grouped by length, longest
+    first, and each micro-batch is padded to its own longest row.
     """
     if max_tokens_per_row is not None:
         rows: list[list[int]] = []
@@ -67,7 +80,10 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
                 room.append(max_tokens_per_row - n)
         rows_per_micro_batch = 1
     else:
-        rows = [[i] for i in range(len(lengths))]
+        order = range(len(lengths))
+        if not uniform_length:
+            order = sorted(order, key=lambda i: (-lengths[i], i))
+        rows = [[i] for i in order]
         rows_per_micro_batch = rows_per_micro_batch or 1
     longest = max((sum(lengths[i] for i in row) for row in rows), default=1)
     if seq_length is None:
@@ -78,7 +94,8 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
         raise ValueError(f"sequence length {seq_length} must be a multiple of {length_multiple} "
                          "(2 x context-parallel size, x tensor-parallel size with sequence "
                          "parallelism)")
-    return RowLayout(rows=rows, rows_per_micro_batch=rows_per_micro_batch, seq_length=seq_length)
+    return RowLayout(rows=rows, rows_per_micro_batch=rows_per_micro_batch, seq_length=seq_length,
+                     length_multiple=length_multiple, uniform_length=uniform_length)
 
 
 def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor],
@@ -96,10 +113,12 @@ def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[tor
     count = layout.num_micro_batches if num_micro_batches is None else num_micro_batches
     if count < layout.num_micro_batches:
         raise ValueError(f"{layout.num_micro_batches} micro-batches needed, {count} requested")
-    b, s = layout.rows_per_micro_batch, layout.seq_length
+    b = layout.rows_per_micro_batch
+    lengths = [t.numel() for t in tokens]
     out = []
     for m in range(count):
         rows = layout.rows[m * b:(m + 1) * b]
+        s = layout.micro_batch_length(rows, lengths)
         mb = {k: torch.zeros(b, s, dtype=torch.long) for k in ("tokens", "labels", "position_ids")}
         mb["sample_index"] = torch.full((b, s), -1, dtype=torch.long)
         mb["target_index"] = torch.full((b, s), -1, dtype=torch.long)

@@ -36,16 +36,18 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
     if getattr(config, "sequence_parallel", False):
         multiple *= groups.tp_size
     lengths = [t.numel() for t in batch["tokens"]]
+    uniform = groups.pp_size > 1  # p2p buffers fix the shape only with pipeline parallelism
     local = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
-                      max_tokens_per_row=max_tokens_per_row, length_multiple=multiple)
-    seq_length = comm.max_over_group(local.seq_length, groups.dp)
+                      max_tokens_per_row=max_tokens_per_row, length_multiple=multiple,
+                      uniform_length=uniform)
+    seq_length = comm.max_over_group(local.seq_length, groups.dp) if uniform else local.seq_length
     count = comm.max_over_group(local.num_micro_batches, groups.dp)
     if len(model_chunks) > 1:
         count = round_up(count, getattr(config, "microbatch_group_size_per_vp_stage", None)
                          or groups.pp_size)
     layout = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
                        max_tokens_per_row=max_tokens_per_row, seq_length=seq_length,
-                       length_multiple=multiple)
+                       length_multiple=multiple, uniform_length=uniform)
     micro_batches = [slice_for_context_parallel(mb, groups.cp)
                      for mb in build_micro_batches(batch["tokens"], batch["loss_masks"], layout,
                                                    num_micro_batches=count)]
