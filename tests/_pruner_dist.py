@@ -50,13 +50,14 @@ def _decision(pruner) -> dict:
 
 
 def prune_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
-                 pruner_kwargs: dict | None = None):
+                 pruner_kwargs: dict | None = None, prune_kwargs: dict | None = None):
     init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
     try:
         chunks = build_tiny_gpt(**MODEL)
         dp_rank, dp_size = _dp()
         pruner = QTuningPruner(QTuningConfig(**config), log=False, **(pruner_kwargs or {}))
-        new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size))
+        new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size),
+                                         **(prune_kwargs or {}))
         return {**_decision(pruner), "report": report, "dp_rank": dp_rank,
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])},
                 "new_tokens": [t.tolist() for t in new_batch["tokens"]]}

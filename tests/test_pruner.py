@@ -162,3 +162,12 @@ def test_unplaceable_samples_are_counted_not_fatal():
         assert r["unplaceable_samples"] == 2  # sample 0 of each DP rank
         assert sum(r["quadrant_counts"].values()) == r["total_samples"] - 2
         assert r["kept_samples"] == 3  # floor(0.5 * 6 + 0.5)
+
+
+def test_refill_keeps_exactly_the_requested_count():
+    """The refill policy scores ceil(G / r) samples and trains on exactly G of them."""
+    outs = run_distributed(W.prune_worker, 2, 1, 1, 1, None, CONFIG, BATCH, None,
+                           {"keep_count": 5}, timeout=TIMEOUT)
+    for out in outs:
+        assert out["report"]["kept_samples"] == 5 and sum(out["keep"]) == 5
+    assert sorted(len(o["new"]) for o in outs) == [2, 3]
