@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -51,7 +51,7 @@ class QTuningPruner:
 
     def __init__(self, config: QTuningConfig | Any, *, micro_batch_size: int | None = None,
                  seq_length: int | None = None, max_tokens_per_gpu: int | None = None,
-                 log: bool = True) -> None:
+                 log: bool = True, hooks: Sequence[Callable] = (), hook_args: Any = None) -> None:
         if isinstance(config, QTuningConfig):
             self.config = config
         else:  # a parsed Megatron-style args namespace
@@ -64,31 +64,32 @@ class QTuningPruner:
         self.seq_length = seq_length
         self.max_tokens_per_gpu = max_tokens_per_gpu
         self.log = log
+        # slime's --rollout-data-postprocess-path contract: hook(args, rollout_id, rollout_data)
+        self.hooks = list(hooks)
+        self.hook_args = hook_args if hook_args is not None else config
         self.step = 0
         self.last_decision: StepDecision | None = None
 
     def prune(self, model: Sequence[torch.nn.Module] | torch.nn.Module, batch: dict[str, list],
-              *, keep_count: int | None = None) -> tuple[dict[str, list], dict]:
-        """Return `(new_batch, report)`; `keep_count` overrides the keep ratio (refill policy)."""
+              *, keep_count: int | None = None, rollout_id: int | None = None
+              ) -> tuple[dict[str, list], dict]:
+        """Return `(new_batch, report)`; `keep_count` overrides the keep ratio (refill policy).
+
+        Hooks given to the constructor run between the decision and the rebalance, see
+        `rollout_data`.
+        """
         self.step += 1
         start = time.perf_counter()
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         groups = ParallelGroups.from_parallel_state()
         prefix = f"Q-Tuning step {self.step}: "
         comm.agree_on_errors(self._validate(chunks, batch), prefix)
-        tokens, loss_masks = batch["tokens"], batch["loss_masks"]
 
-        scores = score_samples(chunks, tokens, loss_masks,
+        scores = score_samples(chunks, batch["tokens"], batch["loss_masks"],
                                rows_per_micro_batch=self.scoring_micro_batch_size,
                                max_tokens_per_row=self.max_tokens_per_gpu, groups=groups)
         scoring_seconds = time.perf_counter() - start
-        sums = torch.stack([
-            (scores.nll.double() * scores.target_mask).sum(1),
-            (scores.entropy.double() * scores.target_mask).sum(1),
-            scores.target_mask.sum(1).double(),
-            torch.tensor([t.numel() for t in tokens], dtype=torch.float64),
-        ], dim=1) if tokens else torch.zeros(0, 4, dtype=torch.float64)  # (n_local, 4)
-        global_sums, counts = comm.all_gather_rows(sums, groups.dp)
+        global_sums, counts = comm.all_gather_rows(_sample_sums(scores, batch["tokens"]), groups.dp)
         if global_sums.shape[0] == 0:
             raise ValueError(f"{prefix}the global batch is empty")
         dp_rank = torch.distributed.get_rank(groups.dp) if counts[1:] else 0
@@ -99,22 +100,23 @@ class QTuningPruner:
         ratio = self.config.sample_keep_ratio if keep_count is None \
             else min(1.0, keep_count / max(placed, 1))
         selection = select_samples(ppl, ent, ratio, self.config.bisect_max_iter, step=self.step)
+        self.last_decision = StepDecision(
+            selection=selection, sample_ppl=ppl, sample_entropy=ent, local_offset=offset,
+            local_scores=scores, local_loss_masks=self._pruned_masks(selection, offset, scores,
+                                                                     batch["loss_masks"]))
+        if self.hooks:
+            self._run_hooks(batch, rollout_id if rollout_id is not None else self.step, prefix)
 
-        new_masks = self._pruned_masks(selection, offset, scores, loss_masks)
-        local_kept = {offset + i: {**{f: v[i] for f, v in batch.items()}, "loss_masks": new_masks[i]}
-                      for i in range(len(tokens)) if bool(selection.keep[offset + i])}
+        local_kept = {offset + i: {**{f: v[i] for f, v in batch.items()},
+                                   "loss_masks": self.last_decision.local_loss_masks[i]}
+                      for i in range(len(batch["tokens"])) if bool(selection.keep[offset + i])}
         kept_index = selection.keep.nonzero().flatten().tolist()
         lengths = global_sums[kept_index, 3].long().tolist()
-        num_dp = len(counts)
-        shares = assign_to_ranks(lengths, num_dp)
+        shares = assign_to_ranks(lengths, len(counts))
         assignment = [[kept_index[j] for j in share] for share in shares]
         mine, kept_tokens, fillers = self._exchange(local_kept, assignment, dp_rank, groups.dp,
                                                     kept_index, lengths)
         new_batch = {f: [s[f] for s in mine] for f in batch}
-
-        self.last_decision = StepDecision(selection=selection, sample_ppl=ppl, sample_entropy=ent,
-                                          local_offset=offset, local_scores=scores,
-                                          local_loss_masks=new_masks)
         report = {
             "step": self.step,
             "quadrant_counts": selection.quadrant_counts(),
@@ -133,6 +135,52 @@ class QTuningPruner:
         if self.log and _is_global_rank_zero():
             print(format_report(report), flush=True)
         return new_batch, report
+
+    def rollout_data(self, batch: dict[str, list]) -> dict[str, list]:
+        """slime-style per-sample lists of this DP rank's scored samples, for postprocess hooks.
+
+        The batch's own fields (with `loss_masks` already token-pruned for kept Q2 samples), plus
+        `total_lengths`, `response_lengths` (from the first loss token to the end),
+        `sample_ppls`, `sample_entropies`, `quadrants` (1-4, 0 = unplaceable), `kept`, and
+        `token_nlls` / `token_entropies` (per sample, one value per token: that token's
+        statistic given the tokens before it; 0 where it is not a target).
+        """
+        d = self.last_decision
+        n = len(batch["tokens"])
+        local = slice(d.local_offset, d.local_offset + n)
+        lengths = [t.numel() for t in batch["tokens"]]
+        data = {f: list(v) for f, v in batch.items()}
+        data["loss_masks"] = list(d.local_loss_masks)
+        data["total_lengths"] = lengths
+        data["response_lengths"] = [
+            (n_tok - int(m.nonzero()[0])) if bool(m.any()) else 0
+            for n_tok, m in zip(lengths, batch["loss_masks"])]
+        data["sample_ppls"] = d.sample_ppl[local].tolist()
+        data["sample_entropies"] = d.sample_entropy[local].tolist()
+        data["quadrants"] = d.selection.quadrant[local].tolist()
+        data["kept"] = d.selection.keep[local].tolist()
+        data["token_nlls"] = [d.local_scores.nll[i, :lengths[i]] for i in range(n)]
+        data["token_entropies"] = [d.local_scores.entropy[i, :lengths[i]] for i in range(n)]
+        return data
+
+    def _run_hooks(self, batch: dict[str, list], rollout_id: int, prefix: str) -> None:
+        """Call every hook on this rank; a failure anywhere stops every rank with its name."""
+        data = self.rollout_data(batch)
+        error = None
+        for hook in self.hooks:
+            try:
+                hook(self.hook_args, rollout_id, data)
+            except Exception as e:  # reported on every rank by agree_on_errors
+                name = getattr(hook, "__qualname__", repr(hook))
+                error = f"postprocess hook {getattr(hook, '__module__', '?')}.{name} raised " \
+                        f"{type(e).__name__}: {e}"
+                break
+        masks = data["loss_masks"]
+        if error is None and (len(masks) != len(batch["tokens"]) or any(
+                m.shape != t.shape for m, t in zip(masks, batch["tokens"]))):
+            error = "a postprocess hook changed the number or length of 'loss_masks'"
+        comm.agree_on_errors(error, prefix)  # every rank, whatever happened here
+        self.last_decision.local_loss_masks = list(masks)
 
     def _pruned_masks(self, selection: SampleSelection, offset: int, scores: TokenScores,
                       loss_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -191,6 +239,15 @@ class QTuningPruner:
             if vocab is not None and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
                 return f"{where} has token ids outside [0, {vocab})"
         return None
+
+
+def _sample_sums(scores: TokenScores, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[n, 4]` float64: nll sum, entropy sum, target count, length per sample."""
+    mask = scores.target_mask
+    return torch.stack([(scores.nll.double() * mask).sum(1),
+                        (scores.entropy.double() * mask).sum(1),
+                        mask.sum(1).double(),
+                        torch.tensor([t.numel() for t in tokens], dtype=torch.float64)], dim=1)
 
 
 def _vocab_size(chunk: torch.nn.Module) -> int | None:

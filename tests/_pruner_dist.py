@@ -177,3 +177,37 @@ def bad_input_worker(rank, world_size, case: str, pruner_kwargs: dict | None = N
         return {"report": report}
     finally:
         destroy_parallel()
+
+
+def hook_clearing_last_token(args, rollout_id, rollout_data):
+    """Clears the last loss token of every sample: the gradient step must honour it."""
+    hook_clearing_last_token.seen = {k: len(v) for k, v in rollout_data.items()}
+    for m in rollout_data["loss_masks"]:
+        m[-1] = 0
+
+
+def hook_failing_on_rank_one(args, rollout_id, rollout_data):
+    import torch.distributed as dist
+
+    if dist.get_rank() == 1:
+        raise RuntimeError(f"bad data at step {rollout_id}")
+
+
+def hook_worker(rank, world_size, hook_name: str):
+    init_parallel()
+    try:
+        chunks = build_tiny_gpt(**MODEL)
+        dp_rank, dp_size = _dp()
+        hook = globals()[hook_name]
+        pruner = QTuningPruner(QTuningConfig(**{"sample_keep_ratio": 0.5}), log=False,
+                               hooks=[hook])
+        local = dp_share(global_batch(12), dp_rank, dp_size)
+        try:
+            new_batch, report = pruner.prune(chunks, local, rollout_id=7)
+        except ValueError as e:
+            return {"error": str(e)}
+        return {"seen": getattr(hook, "seen", None), "n_local": len(local["tokens"]),
+                "new_last_bits": [int(m[-1]) for m in new_batch["loss_masks"]],
+                "kept_tokens": report["kept_tokens"]}
+    finally:
+        destroy_parallel()

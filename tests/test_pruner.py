@@ -171,3 +171,20 @@ def test_refill_keeps_exactly_the_requested_count():
     for out in outs:
         assert out["report"]["kept_samples"] == 5 and sum(out["keep"]) == 5
     assert sorted(len(o["new"]) for o in outs) == [2, 3]
+
+
+def test_postprocess_hook_sees_the_documented_fields_and_its_mask_edits_are_trained():
+    outs = run_distributed(W.hook_worker, 2, "hook_clearing_last_token", timeout=TIMEOUT)
+    fields = {"tokens", "loss_masks", "uid", "total_lengths", "response_lengths", "sample_ppls",
+              "sample_entropies", "quadrants", "kept", "token_nlls", "token_entropies"}
+    for o in outs:
+        assert set(o["seen"]) == fields
+        assert set(o["seen"].values()) == {o["n_local"]}
+        assert o["new_last_bits"] and not any(o["new_last_bits"])
+
+
+def test_failing_hook_stops_every_rank_naming_hook_and_step():
+    outs = run_distributed(W.hook_worker, 2, "hook_failing_on_rank_one", timeout=TIMEOUT)
+    for o in outs:
+        assert "Q-Tuning step 1: rank 1: postprocess hook" in o["error"]
+        assert "hook_failing_on_rank_one raised RuntimeError: bad data at step 7" in o["error"]
