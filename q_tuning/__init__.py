@@ -15,8 +15,9 @@ each calling only the layer below.
 
 from q_tuning.config import QTuningConfig, add_q_tuning_args
 from q_tuning.pruner import QTuningPruner, format_report
-from q_tuning.selection import SampleSelection, select_samples
-from q_tuning.token_pruning import token_keep_mask
+from q_tuning.selection import (SampleSelection, keep_count, sample_ppl_entropy,
+                                sample_ppl_entropy_from_tokens, select_samples)
+from q_tuning.token_pruning import segment_token_keep_mask, token_keep_mask
 from q_tuning.token_stats import token_nll_entropy
 
 __all__ = [
@@ -25,6 +26,10 @@ __all__ = [
     "SampleSelection",
     "add_q_tuning_args",
     "format_report",
+    "keep_count",
+    "sample_ppl_entropy",
+    "sample_ppl_entropy_from_tokens",
+    "segment_token_keep_mask",
     "select_samples",
     "token_keep_mask",
     "token_nll_entropy",

@@ -99,7 +99,8 @@ class QTuningPruner:
         placed = int((global_sums[:, 2] > 0).sum())
         ratio = self.config.sample_keep_ratio if keep_count is None \
             else min(1.0, keep_count / max(placed, 1))
-        selection = select_samples(ppl, ent, ratio, self.config.bisect_max_iter, step=self.step)
+        selection = select_samples(ppl, ent, ratio, self.config.bisect_max_iter, step=self.step,
+                                   num_tokens=global_sums[:, 2])
         self.last_decision = StepDecision(
             selection=selection, sample_ppl=ppl, sample_entropy=ent, local_offset=offset,
             local_scores=scores, local_loss_masks=self._pruned_masks(selection, offset, scores,
