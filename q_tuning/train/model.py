@@ -1,4 +1,4 @@
-"""HF Llama / Qwen2 / Qwen3 checkpoints <-> megatron-core `GPTModel`, at any TP / PP / virtual-PP split.
+"""HF Llama / Qwen2 / Qwen3 checkpoints <-> megatron-core `GPTModel` at any TP / PP / VPP split.
 
 Public API:
     SUPPORTED_ARCHITECTURES
@@ -70,7 +70,6 @@ import os
 import pathlib
 import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Optional, Union
 
@@ -124,7 +123,8 @@ def hf_architecture(hf_config: "PretrainedConfig") -> str:
                      f"{', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
-def padded_vocab_size(vocab_size: int, *, tp: int = 1, make_vocab_size_divisible_by: int = 128) -> int:
+def padded_vocab_size(vocab_size: int, *, tp: int = 1,
+                      make_vocab_size_divisible_by: int = 128) -> int:
     """Megatron-LM's padding: the smallest multiple of `make_vocab_size_divisible_by * tp`."""
     if make_vocab_size_divisible_by < 1 or tp < 1:
         raise ValueError(f"make_vocab_size_divisible_by ({make_vocab_size_divisible_by}) and "
@@ -177,27 +177,30 @@ def _rope_scaling(hf_config) -> tuple[bool, float]:
 
 
 def _check_divisibility(hf_config, tp: int, pp: int, vpp: Optional[int]) -> None:
-    """ValueError naming the model dimension that a parallel size does not divide."""
+    """ValueError naming the model dimension that a parallel size does not divide, and the flag."""
     heads, kv = hf_config.num_attention_heads, _num_kv_heads(hf_config)
-    layers = hf_config.num_hidden_layers
-    for name, value in (("tp", tp), ("pp", pp), ("vpp", vpp or 1)):
-        if not isinstance(value, int) or value < 1:
+    ffn, layers = hf_config.intermediate_size, hf_config.num_hidden_layers
+    for name, value in (("tp", tp), ("pp", pp), ("vpp", 1 if vpp is None else vpp)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    tp_flag = f"--tensor-model-parallel-size {tp}"
     if heads % tp:
         raise ValueError(f"num_attention_heads ({heads}) is not divisible by the tensor-parallel "
-                         f"size ({tp})")
+                         f"size ({tp_flag})")
     if kv % tp and tp % kv:
         raise ValueError(f"num_key_value_heads ({kv}) must be a multiple or a divisor of the "
-                         f"tensor-parallel size ({tp})")
-    if hf_config.intermediate_size % tp:
-        raise ValueError(f"intermediate_size (FFN hidden size, {hf_config.intermediate_size}) is "
-                         f"not divisible by the tensor-parallel size ({tp})")
-    if layers % (pp * (vpp or 1)):
-        what = f"pipeline size ({pp})" if vpp is None else \
-            f"pipeline size x virtual pipeline size ({pp} x {vpp})"
-        raise ValueError(f"num_hidden_layers ({layers}) is not divisible by the {what}")
+                         f"tensor-parallel size ({tp_flag})")
+    if ffn % tp:
+        raise ValueError(f"intermediate_size (the FFN hidden size, {ffn}) is not divisible by "
+                         f"the tensor-parallel size ({tp_flag})")
     if vpp is not None and pp == 1:
-        raise ValueError(f"a virtual pipeline size ({vpp}) needs a pipeline size > 1")
+        raise ValueError(f"--virtual-pipeline-model-parallel-size {vpp} needs "
+                         f"--pipeline-model-parallel-size > 1")
+    if layers % (pp * (vpp or 1)):
+        what = f"--pipeline-model-parallel-size {pp}" + \
+            ("" if vpp is None else f" x --virtual-pipeline-model-parallel-size {vpp}")
+        raise ValueError(f"num_hidden_layers ({layers}) is not divisible by the number of "
+                         f"pipeline chunks ({what})")
 
 
 def transformer_config_from_hf(hf_config: "PretrainedConfig", *, tp: int = 1, pp: int = 1,
@@ -398,9 +401,8 @@ def read_hf_checkpoint(path: Union[str, os.PathLike]
     folder, gguf = _resolve(path)
     if gguf is None:
         return read_hf_config(folder), _SafetensorsFolder(folder)
-    from transformers import AutoModelForCausalLM
-
     import transformers
+    from transformers import AutoModelForCausalLM
 
     # transformers >= 4.56 renamed torch_dtype to dtype (the old name warns, then goes in 5.x)
     old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
@@ -425,8 +427,9 @@ _LAYER_RENAMES = {
 }
 _QKV = {"self_attention.linear_qkv.weight": "weight", "self_attention.linear_qkv.bias": "bias"}
 _FC1 = "mlp.linear_fc1.weight"
-_EMBED, _FINAL_NORM, _OUTPUT = ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight",
-                                "output_layer.weight")
+_EMBED = "embedding.word_embeddings.weight"
+_FINAL_NORM = "decoder.final_layernorm.weight"
+_OUTPUT = "output_layer.weight"
 # HF's own order of a layer's tensors (module registration order), for tidy exports.
 _HF_LAYER_ORDER = [f"self_attn.{p}_proj.{t}" for p in "qkvo" for t in ("weight", "bias")] + [
     "self_attn.q_norm.weight", "self_attn.k_norm.weight", "mlp.gate_proj.weight",
@@ -735,11 +738,13 @@ def save_hf_checkpoint(model_chunks, hf_config: "PretrainedConfig", tokenizer,
     out_dir = pathlib.Path(out_dir)
     state_dict = export_hf_state_dict(model_chunks)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
+        assert state_dict, "global rank 0 is expected on the first pipeline stage"
         if getattr(hf_config, "tie_word_embeddings", False):
             state_dict.pop("lm_head.weight", None)
         dtype = next(iter(state_dict.values())).dtype
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir(parents=True)
         try:
             _write_safetensors(state_dict, tmp)
             _clean_config(hf_config, dtype).save_pretrained(str(tmp))
