@@ -1,0 +1,305 @@
+"""Run Megatron-LM's own `pretrain_gpt.py` on CPU with gloo (tests only, never product code).
+
+Megatron-LM is not on PyPI: the tests find a checkout of NVIDIA/Megatron-LM (tag `core_v0.16.1`)
+through an importable `megatron.training` (`scripts/test_megatron_lm.sh /path/to/Megatron-LM`
+arranges that). Nothing of it is copied here.
+
+What CPU needs on top of `mcore_cpu.install` (see ../shared/MEGATRON_NOTES.md, "Running
+Megatron-LM's own training loop on CPU") is done at interpreter start in every torchrun worker by
+`megatron_lm_site/sitecustomize.py`, which `launch_env()` puts on PYTHONPATH:
+- `mcore_cpu.install(pretend_cuda_available=True)`: megatron/training/initialize.py asserts
+  `torch.cuda.is_available()`;
+- `torch.utils.cpp_extension.CUDA_HOME`: megatron/legacy/fused_kernels/__init__.py `load()` runs
+  `$CUDA_HOME/bin/nvcc -V` even when no fused kernel is built; a CPU torch leaves it None.
+`launch_env()` also sets `TORCHDYNAMO_DISABLE=1`, `CUDA_HOME` (`find_cuda_home`), and puts the
+checkout first on PYTHONPATH, so that the sitecustomize and the script import the same `megatron`
+package (the checkout's, whose `megatron.core` is the 0.16.1 wheel's code plus
+`megatron.training`). With `Q_TUNING_HARNESS_LOG_TOKENS=1` the sitecustomize also prints each
+training step's loss-token count, which `trained_tokens()` reads.
+
+`build_dataset_helper()` compiles Megatron's C++ dataset helper with the venv's Python (its
+Makefile asks `python3-config`, which a virtual environment lacks, for the extension suffix);
+`launch_env()` pins that suffix in MAKEFLAGS so Megatron's start-up `make` finds it up to date.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SITE_DIR = Path(__file__).resolve().parent / "megatron_lm_site"
+
+# Tiny GPT on mock data, CPU-safe (flags from MEGATRON_NOTES). 4 layers so PP=2 has 2 per stage.
+TINY_GPT_FLAGS = [
+    "--distributed-backend", "gloo", "--transformer-impl", "local", "--use-cpu-initialization",
+    "--no-gradient-accumulation-fusion", "--no-masked-softmax-fusion", "--no-bias-gelu-fusion",
+    "--no-bias-dropout-fusion", "--no-persist-layer-norm", "--no-rope-fusion", "--clip-grad", "0",
+    "--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "128",
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4",
+    "--seq-length", "32", "--max-position-embeddings", "64", "--position-embedding-type", "rope",
+    "--micro-batch-size", "2", "--global-batch-size", "8",
+    "--lr", "1e-3", "--min-lr", "1e-4", "--lr-decay-style", "cosine", "--weight-decay", "0.0",
+    "--seed", "1234", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
+    "--num-workers", "0", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
+]
+
+
+def find_cuda_home() -> str:
+    """A CUDA toolkit with bin/nvcc; without one, a stand-in whose `nvcc -V` prints a version
+    (that is all Megatron-LM runs it for on CPU)."""
+    candidates = [os.environ.get("CUDA_HOME"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parents[1]))
+    for c in candidates:
+        if c and (Path(c) / "bin" / "nvcc").exists():
+            return c
+    stand_in = Path(tempfile.gettempdir()) / "q_tuning_fake_cuda_home"
+    (stand_in / "bin").mkdir(parents=True, exist_ok=True)
+    script = stand_in / "bin" / "nvcc"
+    script.write_text("#!/bin/sh\necho 'Cuda compilation tools, release 12.4, V12.4.131'\n")
+    script.chmod(0o755)
+    return str(stand_in)
+
+
+def build_dataset_helper(checkout: Path, python: str = sys.executable) -> Path:
+    """Compile megatron/core/datasets/helpers_cpp with `python`'s extension suffix (idempotent)."""
+    datasets = checkout / "megatron" / "core" / "datasets"
+    suffix = subprocess.check_output(
+        [python, "-c", "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))"],
+        text=True).strip()
+    includes = subprocess.check_output([python, "-m", "pybind11", "--includes"], text=True).strip()
+    subprocess.run(["make", "-C", str(datasets), f"LIBEXT={suffix}", f"CPPFLAGS={includes}"],
+                   check=True, stdout=subprocess.DEVNULL)
+    return datasets / f"helpers_cpp{suffix}"
+
+
+def launch_env(checkout: Path) -> dict[str, str]:
+    env = dict(os.environ, CUDA_HOME=find_cuda_home())
+    # Megatron rebuilds its dataset helper at start-up (`make`, suffix from `python3-config`):
+    # pin the suffix to ours so it finds the one `build_dataset_helper` made up to date.
+    env["MAKEFLAGS"] = f"LIBEXT={sysconfig.get_config_var('EXT_SUFFIX')}"
+    env.update(Q_TUNING_MEGATRON_LM_CPU="1", Q_TUNING_HARNESS_LOG_TOKENS="1",
+               TORCHDYNAMO_DISABLE="1", OMP_NUM_THREADS="1",
+               CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(checkout), str(SITE_DIR), str(REPO_ROOT)]
+                                          + [p for p in [env.get("PYTHONPATH")] if p]))
+    return env
+
+
+def torchrun_command(nproc: int, script_args: list[str], *, q_tuning: bool,
+                     python: str = sys.executable) -> list[str]:
+    """`torchrun pretrain_gpt.py ...`, or through `-m q_tuning.megatron_lm` when `q_tuning`."""
+    launcher = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                "--master-port", str(_free_port())]
+    if q_tuning:
+        return launcher + ["-m", "q_tuning.megatron_lm", "pretrain_gpt.py", *script_args]
+    return launcher + ["pretrain_gpt.py", *script_args]
+
+
+def run_pretrain_gpt(checkout: Path, nproc: int, extra_flags: list[str], *, q_tuning: bool,
+                     train_iters: int = 3, timeout: float = 480.0) -> subprocess.CompletedProcess:
+    """Run the unmodified `pretrain_gpt.py` of `checkout` (cwd) on `nproc` gloo processes; the
+    whole process group is killed after `timeout` seconds (a hang fails, never blocks)."""
+    args = [*TINY_GPT_FLAGS, "--train-iters", str(train_iters), *extra_flags]
+    cmd = torchrun_command(nproc, args, q_tuning=q_tuning)
+    proc = subprocess.Popen(cmd, cwd=checkout, env=launch_env(checkout), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise TimeoutError(f"{' '.join(cmd)} did not finish in {timeout:.0f}s; output tail:\n"
+                           + out[-4000:])
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+
+
+_LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+|nan|inf)")
+
+
+def iteration_losses(output: str) -> dict[int, float]:
+    """{iteration: lm loss} from Megatron-LM's training log lines (--log-interval 1)."""
+    return {int(m.group(1)): float(m.group(2)) for m in _LOSS.finditer(output)}
+
+
+def q_tuning_reports(output: str) -> list[tuple[dict, tuple[int, int]]]:
+    """Per step: (quadrant counts, (kept samples, total samples)) from the `[Q-Tuning]` lines."""
+    quadrants = re.findall(r"\[Q-Tuning\] Quadrant distribution: (\{[^}]*\})", output)
+    kept = re.findall(r"\[Q-Tuning\] Kept (\d+)/(\d+) samples", output)
+    return [(ast.literal_eval(q), (int(k), int(t))) for q, (k, t) in zip(quadrants, kept)]
+
+
+def trained_tokens(output: str) -> list[int]:
+    """Per training step, the loss tokens the gradient step used (all ranks), as printed by the
+    harness sitecustomize when per-token loss is on."""
+    return [int(n) for n in re.findall(r"\[harness\] trained tokens: (\d+)", output)]
+
+
+def kept_tokens(output: str) -> list[int]:
+    """Per step, the kept target tokens of the `[Q-Tuning] Kept ...` line."""
+    return [int(n) for n in re.findall(r"\[Q-Tuning\] Kept \d+/\d+ samples \([^)]*\), (\d+)/",
+                                       output)]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --- in-process adapter workers (megatron-core only, run in CI) ----------------------------------
+#
+# `step_worker` drives `QTuningStep.train_step` the way Megatron-LM's `train_step` does, with a
+# forward step shaped like pretrain_gpt.py's: only TP rank 0 of the first/last stage reads the
+# iterator and broadcasts the micro-batch to its TP group. Rows are mock-data-like (one sample per
+# row, tokens = text[:-1], labels = text[1:]).
+
+STEP_SEQ = 15  # odd on purpose
+STEP_VOCAB = 96  # tests/_pruner_dist.py MODEL, whose reference gradient the tests reuse
+
+
+def step_rows(num_rows: int, seed: int = 5) -> list[dict]:
+    """`num_rows` rows of `STEP_SEQ` positions, each with some loss-masked positions."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(num_rows):
+        text = torch.randint(0, STEP_VOCAB, (STEP_SEQ + 1,), generator=g)
+        mask = (torch.rand(STEP_SEQ, generator=g) > 0.25).float()
+        mask[: i % 4] = 0.0  # a "prompt" of 0-3 tokens
+        rows.append({"text": text, "loss_mask": mask})
+    return rows
+
+
+def rows_to_micro_batches(rows: list[dict], micro_batch_size: int) -> list[dict]:
+    """Collate rows into micro-batch dicts as Megatron-LM's GPT DataLoader does."""
+    from tests.harness.megatron import causal_attention_mask
+
+    out = []
+    for m in range(0, len(rows), micro_batch_size):
+        part = rows[m:m + micro_batch_size]
+        out.append({
+            "tokens": torch.stack([r["text"][:-1] for r in part]),
+            "labels": torch.stack([r["text"][1:] for r in part]),
+            "loss_mask": torch.stack([r["loss_mask"] for r in part]),
+            "attention_mask": causal_attention_mask(len(part), STEP_SEQ),
+            "position_ids": torch.arange(STEP_SEQ).repeat(len(part), 1),
+        })
+    return out
+
+
+def _step_forward(model, data_iterator, micro_batch_size: int):
+    """pretrain_gpt.py's forward_step in miniature (get_batch_on_this_tp_rank + loss_func)."""
+    from functools import partial
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from tests.harness.megatron import causal_attention_mask, unwrap
+
+    vp = getattr(unwrap(model), "vp_stage", None)
+    first = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp)
+    last = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp)
+    shape = (micro_batch_size, STEP_SEQ)
+    tokens = labels = loss_mask = position_ids = None
+    if first or last:
+        if ps.get_tensor_model_parallel_rank() == 0:
+            mb = next(data_iterator)
+            tokens, labels, loss_mask, position_ids = (mb["tokens"], mb["labels"],
+                                                       mb["loss_mask"], mb["position_ids"])
+        else:
+            tokens, labels, position_ids = (torch.empty(shape, dtype=torch.long) for _ in range(3))
+            loss_mask = torch.empty(shape)
+        for t in (tokens, labels, loss_mask, position_ids):
+            dist.broadcast(t, ps.get_tensor_model_parallel_src_rank(),
+                           group=ps.get_tensor_model_parallel_group())
+    out = model(tokens if first else None, position_ids if first else None,
+                causal_attention_mask(*shape), labels=labels if last else None)
+
+    def loss_func(mask, output):
+        total = (output.float() * mask).sum()
+        count = mask.sum().to(torch.int)
+        return total, count, {"lm loss": torch.stack([total.detach(), count.float()])}
+
+    return out, partial(loss_func, loss_mask)
+
+
+def step_worker(rank, world_size, tp, pp, vpp, keep_ratio: float, micro_batch_size: int,
+                num_micro_batches: int, forward_only: bool = False):
+    """One adapter step on this rank's share of `step_rows`; returns what the tests compare."""
+    import types
+    from functools import partial
+
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.rerun_state_machine import RerunDataIterator
+
+    from q_tuning import QTuningConfig, QTuningPruner
+    from q_tuning.megatron_lm.step import QTuningStep
+    from tests._pruner_dist import MODEL, _wrap_ddp
+    from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
+                                        init_parallel)
+
+    init_parallel(tp=tp, pp=pp, vpp=vpp)
+    try:
+        chunks = _wrap_ddp(build_tiny_gpt(**MODEL))
+        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        local_rows = num_micro_batches * micro_batch_size
+        rows = step_rows(local_rows * dp_size)[dp_rank * local_rows:(dp_rank + 1) * local_rows]
+        micro_batches = rows_to_micro_batches(rows, micro_batch_size)
+        spare = {"tokens": None}  # one more item: the step must take exactly its own
+        iterators = []
+        for i in range(len(chunks)):
+            reads = ps.get_tensor_model_parallel_rank() == 0 and (
+                ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i)
+                or ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
+            iterators.append(RerunDataIterator(iter(micro_batches + [spare])) if reads else None)
+        config = QTuningConfig(sample_keep_ratio=keep_ratio, token_keep_ratio=0.6)
+        args = types.SimpleNamespace(micro_batch_size=micro_batch_size, seq_length=STEP_SEQ,
+                                     enable_q_tuning=True)
+        step = QTuningStep()
+        step.pruner = QTuningPruner(config, log=False, micro_batch_size=micro_batch_size,
+                                    seq_length=STEP_SEQ + 1)
+        calls = []
+        inner = get_forward_backward_func()
+
+        def recording_inner(**kwargs):
+            calls.append(kwargs["num_microbatches"])
+            return inner(**kwargs)
+
+        for c in chunks:
+            c.zero_grad_buffer()
+        run = step.wrap(recording_inner, args)
+        losses = run(forward_step_func=partial(_swap_args, micro_batch_size),
+                     data_iterator=iterators if len(chunks) > 1 else iterators[0],
+                     model=chunks, num_microbatches=num_micro_batches, seq_length=STEP_SEQ,
+                     micro_batch_size=micro_batch_size, forward_only=forward_only)
+        left = [next(it) is spare for it in iterators if it is not None]
+        result = {"calls": calls, "left": left, "dp_rank": dp_rank,
+                  "tp_rank": ps.get_tensor_model_parallel_rank(),
+                  "losses": [{k: v.tolist() for k, v in d.items()} for d in losses]}
+        if not forward_only:
+            d = step.pruner.last_decision
+            result.update(grads=full_state_dict(chunks, grads=True), offset=d.local_offset,
+                          keep=d.selection.keep.tolist(),
+                          masks=[m.tolist() for m in d.local_loss_masks])
+        return result
+    finally:
+        destroy_parallel()
+
+
+def _swap_args(micro_batch_size, data_iterator, model):
+    return _step_forward(model, data_iterator, micro_batch_size)
