@@ -14,6 +14,13 @@ def _active(group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def _device(group) -> torch.device:
+    """NCCL moves only CUDA tensors; gloo only CPU ones."""
+    if "nccl" in str(dist.get_backend(group)):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def agree_on_errors(local_error: str | None, prefix: str) -> None:
     """Raise the same ValueError on every rank if any rank found bad input (never a hang).
 
@@ -38,31 +45,35 @@ def all_gather_rows(local: torch.Tensor, group) -> tuple[torch.Tensor, list[int]
     also returns the list of n_r."""
     if not _active(group):
         return local, [local.shape[0]]
-    world = dist.get_world_size(group)
-    count = torch.tensor([local.shape[0]], dtype=torch.long)
+    world, device = dist.get_world_size(group), _device(group)
+    count = torch.tensor([local.shape[0]], dtype=torch.long, device=device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
     counts_list = [int(c) for c in counts]
     longest = max(counts_list)
-    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded = local.new_zeros((longest, *local.shape[1:]), device=device)
     padded[: local.shape[0]] = local
     parts = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:n] for p, n in zip(parts, counts_list)]), counts_list
+    return torch.cat([p[:n] for p, n in zip(parts, counts_list)]).to(local.device), counts_list
 
 
 def broadcast_from_last_stage(tensor: torch.Tensor, pp_group) -> torch.Tensor:
     """Give every pipeline stage the tensor computed on the last stage (in place)."""
     if _active(pp_group):
         src = dist.get_global_rank(pp_group, dist.get_world_size(pp_group) - 1)
-        dist.broadcast(tensor, src=src, group=pp_group)
+        moved = tensor.to(_device(pp_group))
+        dist.broadcast(moved, src=src, group=pp_group)
+        tensor.copy_(moved)
     return tensor
 
 
 def sum_over_context_parallel(tensor: torch.Tensor, cp_group) -> torch.Tensor:
     """Each CP rank filled only the positions it holds (zeros elsewhere): summing gathers them."""
     if _active(cp_group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=cp_group)
+        moved = tensor.to(_device(cp_group))
+        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=cp_group)
+        tensor.copy_(moved)
     return tensor
 
 
@@ -78,6 +89,6 @@ def all_gather_objects(obj, group) -> list:
 def max_over_group(value: int, group) -> int:
     if not _active(group):
         return value
-    t = torch.tensor([value], dtype=torch.long)
+    t = torch.tensor([value], dtype=torch.long, device=_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t)
