@@ -1,0 +1,322 @@
+"""Checkpoints: megatron-core `dist_checkpointing` for model and optimizer, plus trainer state.
+
+Public API:
+    TRACKER_FILE
+    CheckpointError
+    checkpoint_path(root, iteration) -> pathlib.Path
+    find_checkpoint(root) -> pathlib.Path | None
+    read_trainer_state(path) -> dict
+    check_compatible(saved, current, *, load_optim) -> None
+    save_checkpoint(root, iteration, model_chunks, optimizer, trainer_state, *,
+                    use_distributed_optimizer) -> pathlib.Path
+    load_checkpoint(path, model_chunks, optimizer, *, load_optim, load_rng) -> dict
+
+Layout (Megatron-LM's, so its users find their way)::
+
+    <root>/iter_0000020/                   dist_checkpointing folder (metadata.json, common.pt,
+                                           *.distcp): model, optimizer, RNG states, trainer state
+    <root>/latest_checkpointed_iteration.txt   "20", written last
+
+What is saved:
+- model: each chunk's `sharded_state_dict()` (keys `model`, or `model0`, `model1`, ... with
+  virtual pipeline stages, as Megatron-LM), reshardable over TP / PP / DP;
+- optimizer: `optimizer.sharded_state_dict(...)` (Adam moments, fp32 main weights with --bf16;
+  the distributed optimizer in megatron's 'dp_reshardable' format: DP may change on load,
+  TP / PP may not);
+- RNG: every rank's Python / numpy / torch / megatron tracker states, as a `ShardedObject` per
+  (PP, TP) rank holding the list over DP x CP ranks; restored only at the same parallel split;
+- trainer state (the common part, identical on every rank): iteration, data position,
+  LR-scheduler state, Q-Tuning step, the model and parallel "fingerprint" that `--load` checks,
+  and the flags of the run.
+
+Atomicity: every rank writes into `<root>/.iter_0000020.tmp`; after all ranks finished, global
+rank 0 renames it to `iter_0000020` and only then rewrites the tracker file (itself via a temporary
+file and `os.replace`). A crash leaves either the previous complete checkpoint as the latest, or a
+`.tmp` folder that nothing reads.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+import shutil
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+__all__ = ["TRACKER_FILE", "CheckpointError", "checkpoint_path", "find_checkpoint",
+           "read_trainer_state", "check_compatible", "save_checkpoint", "load_checkpoint"]
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+_TRAINER_KEY = "q_tuning_trainer"
+_RNG_KEY = "rng_state"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this run; the message says why and what to do."""
+
+
+def checkpoint_path(root: str | os.PathLike, iteration: int) -> pathlib.Path:
+    return pathlib.Path(root) / f"iter_{iteration:07d}"
+
+
+def find_checkpoint(root: str | os.PathLike) -> Optional[pathlib.Path]:
+    """The checkpoint `--load root` means: the tracker's iteration, or `root` itself when it is a
+    checkpoint folder; None when there is none (the run then starts from the HF weights)."""
+    root = pathlib.Path(root)
+    if (root / "metadata.json").is_file():
+        return root
+    tracker = root / TRACKER_FILE
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"--load {root}: {TRACKER_FILE} holds {text!r}, not an iteration "
+                              "number") from None
+    path = checkpoint_path(root, iteration)
+    if not (path / "metadata.json").is_file():
+        raise CheckpointError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but "
+                              f"{path} is not a complete checkpoint")
+    return path
+
+
+def read_trainer_state(path: str | os.PathLike) -> dict:
+    """The trainer state of the checkpoint folder `path` (read without building a model)."""
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    state = common.get(_TRAINER_KEY) if isinstance(common, dict) else None
+    if state is None:
+        raise CheckpointError(f"{path} is a megatron checkpoint but not one written by "
+                              "q-tuning-train (no trainer state); cannot resume from it")
+    return state
+
+
+def check_compatible(saved: dict, current: dict, *, load_optim: bool) -> None:
+    """CheckpointError when the checkpoint cannot be loaded into the current run.
+
+    `saved` / `current`: fingerprints {"model": {...}, "parallel": {...}, "optimizer": {...}}
+    (see the trainer). Model dimensions must be equal. The parallel split may change (model and
+    non-distributed optimizer state reshard), except with the distributed optimizer's state,
+    which reshards over DP only. The optimizer kind and precision must match to load its state.
+    """
+    diffs = [f"{k}: {saved['model'].get(k)!r} in the checkpoint, {v!r} here"
+             for k, v in current["model"].items() if saved["model"].get(k) != v]
+    if diffs:
+        raise CheckpointError("the checkpoint was saved from a different model ("
+                              + "; ".join(diffs) + "); load it with the same --hf-checkpoint "
+                              "architecture and sizes")
+    if not load_optim:
+        return
+    so, co = saved["optimizer"], current["optimizer"]
+    if so != co:
+        what = "; ".join(f"{k}: {so.get(k)!r} in the checkpoint, {v!r} here"
+                         for k, v in co.items() if so.get(k) != v)
+        raise CheckpointError(f"the checkpoint's optimizer state does not fit this run ({what}); "
+                              "use the same optimizer flags or pass --no-load-optim")
+    if co["distributed"]:
+        sp, cp_ = saved["parallel"], current["parallel"]
+        dims = [f"{name} {sp[key]} in the checkpoint, {cp_[key]} here"
+                for key, name in (("tp", "tensor-parallel size"),
+                                  ("pp", "pipeline-parallel size"),
+                                  ("vpp", "virtual pipeline size")) if sp[key] != cp_[key]]
+        if dims:
+            raise CheckpointError("the distributed optimizer's state reshards over data-parallel "
+                                  "ranks only, but " + "; ".join(dims)
+                                  + ": resume at the saved split or pass --no-load-optim")
+
+
+# --- state dicts ---------------------------------------------------------------------------------
+
+def _unwrap(chunk):
+    """The GPTModel inside DDP / Float16Module (Megatron-LM checkpoints the bare model)."""
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+def _metadata(use_distributed_optimizer: bool) -> dict:
+    # Megatron-LM's defaults (training/checkpointing.py, _build_sharded_state_dict_metadata).
+    # A fresh dict per use: megatron adds process groups to it (unpicklable, not for common.pt).
+    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+    if use_distributed_optimizer:
+        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
+    return metadata
+
+
+def _model_state(model_chunks: Sequence[torch.nn.Module], metadata: dict) -> dict:
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
+    return {f"model{i}": c.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
+
+
+def _rng_state() -> dict:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    return {"random": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(states: Any):
+    """This rank's slot of the global (PP, TP) grid of RNG lists (one entry per DP x CP rank)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    return ShardedObject(
+        _RNG_KEY, states,
+        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
+        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
+        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _dp_cp_gather_rng() -> list:
+    from megatron.core import parallel_state as ps
+
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    states: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(states, _rng_state(), group=group)
+    return states
+
+
+def _init_empty_torch_adam_state(optimizer) -> None:
+    """Give a fresh distributed optimizer zero Adam state (loading then overwrites it).
+
+    megatron-core 0.16 `DistributedOptimizer.state_dict()` (distrib_optimizer.py, "Extract
+    'step', for non-Apex/TE support") reads every parameter's 'step', which a torch Adam that
+    never stepped lacks; this is the path without transformer-engine / apex (CPU).
+    """
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in inner.param_groups:
+            for param in group["params"]:
+                if not inner.state[param]:
+                    inner.state[param].update(step=torch.tensor(0.0),
+                                              exp_avg=torch.zeros_like(param),
+                                              exp_avg_sq=torch.zeros_like(param))
+
+
+def _torch_adams_of_distributed_optimizers(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if isinstance(opt, DistributedOptimizer) and type(inner) in (torch.optim.Adam,
+                                                                      torch.optim.AdamW):
+            yield inner
+
+
+def _restore_torch_adam_steps(optimizer) -> None:
+    """Each parameter's Adam 'step' from the loaded param groups, one tensor per parameter.
+
+    Two megatron-core 0.16 quirks of the distributed optimizer with a torch Adam (the path
+    without transformer-engine / apex, i.e. CPU): `load_state_dict` gives every parameter the
+    same `step` tensor object (torch's Adam increments each parameter's step in place, so a
+    shared one advances once per parameter per iteration), and the 'dp_reshardable' loader then
+    copies the step of the loading template (0) back over it. The checkpoint's step survives in
+    the param groups (megatron puts it there for torch optimizers).
+    """
+    for inner in _torch_adams_of_distributed_optimizers(optimizer):
+        for group in inner.param_groups:
+            if "step" not in group:
+                continue
+            for param in group["params"]:
+                if param in inner.state:
+                    inner.state[param]["step"] = torch.tensor(float(group["step"]),
+                                                              dtype=torch.float32)
+
+
+# --- save / load ---------------------------------------------------------------------------------
+
+def save_checkpoint(root: str | os.PathLike, iteration: int, model_chunks, optimizer,
+                    trainer_state: dict, *, use_distributed_optimizer: bool) -> pathlib.Path:
+    """Collective: write checkpoint `iteration` under `root` (see the module doc)."""
+    from megatron.core import dist_checkpointing
+
+    root = pathlib.Path(root)
+    final = checkpoint_path(root, iteration)
+    tmp = root / f".{final.name}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
+        tmp.mkdir()
+    dist.barrier()
+
+    metadata = _metadata(use_distributed_optimizer)
+    state = _model_state(model_chunks, metadata)
+    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
+    state[_RNG_KEY] = _rng_sharded_object(_dp_cp_gather_rng())
+    state[_TRAINER_KEY] = {**trainer_state, "format_version": FORMAT_VERSION,
+                           "sharded_state_dict_metadata": _metadata(use_distributed_optimizer)}
+    dist_checkpointing.save(state, str(tmp))  # ends with a barrier
+
+    if rank == 0:
+        if final.exists():  # a checkpoint of the same iteration from an earlier run
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = root / f".{TRACKER_FILE}.tmp"
+        tracker_tmp.write_text(f"{iteration}\n")
+        os.replace(tracker_tmp, root / TRACKER_FILE)
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer, *, load_optim: bool,
+                    load_rng: bool) -> dict:
+    """Collective: restore model (and optimizer, RNG) from the checkpoint folder `path`; returns
+    the trainer state. Call `check_compatible` first; RNG states are restored only when the
+    checkpoint has this run's parallel split (pass `load_rng=False` otherwise)."""
+    from megatron.core import dist_checkpointing
+
+    trainer_state = read_trainer_state(path)
+    metadata = dict(trainer_state["sharded_state_dict_metadata"])
+    state = _model_state(model_chunks, metadata)
+    if load_optim:
+        _init_empty_torch_adam_state(optimizer)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
+                                                          metadata=metadata)
+    if load_rng:
+        state[_RNG_KEY] = _rng_sharded_object(None)
+    loaded = dist_checkpointing.load(state, str(path))
+
+    chunks = [_unwrap(c) for c in model_chunks]
+    if len(chunks) == 1:
+        chunks[0].load_state_dict(loaded["model"], strict=True)
+    else:
+        for i, chunk in enumerate(chunks):
+            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    if load_optim:
+        # no_grad: megatron-core 0.16 `load_parameter_state_from_dp_reshardable` copies into views
+        # of fp32 parameters (the distributed optimizer's main shards) without it.
+        with torch.no_grad():
+            optimizer.load_state_dict(loaded["optimizer"])
+        _restore_torch_adam_steps(optimizer)
+    else:
+        optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
+    if load_rng:
+        from megatron.core import parallel_state as ps
+
+        _set_rng_state(loaded[_RNG_KEY][ps.get_data_parallel_rank(with_context_parallel=True)])
+    return trainer_state
