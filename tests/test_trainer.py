@@ -168,7 +168,7 @@ def test_one_process_with_q_tuning(single):
     events.Reload()
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/tokens_per_second", "train/trained_samples",
-            "train/grad_norm", "q_tuning/kept_samples", "q_tuning/quadrant_Q2"} <= tags
+            "train/grad_norm", "q_tuning/kept_samples", "q_tuning/fraction/Q2"} <= tags
     assert [e.value for e in events.Scalars("q_tuning/kept_samples")] == [G // 2] * ITERS
 
 
@@ -216,7 +216,7 @@ def test_resume_is_bitwise_identical(double):
     ("gpt2", "unsupported HF architecture GPT2LMHeadModel"),
     ("tp_world", "world size (1 processes) is not divisible by tensor x pipeline x context"),
     ("incompatible", "num_layers: 2 in the checkpoint, 3 here"),
-    ("bad_hook", "'tests._trainer_dist' has no callable 'no_such_hook'"),
+    ("bad_hook", "'tests._trainer_dist' has no attribute 'no_such_hook'"),
 ])
 def test_bad_input_one_process(single, name, message):
     out, results = single

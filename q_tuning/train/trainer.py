@@ -6,7 +6,6 @@ Public API:
     Trainer.close()
     init_distributed(args) -> bool    (True when this call created the process group)
     quiet_expected_warnings(args)     (before megatron-core is imported)
-    load_postprocess_hooks(paths) -> list[callable]
     progress(what)         context manager: start / still-running / done lines for long work
 
 One step (`train_step`), on every rank:
@@ -35,10 +34,8 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import importlib
 import importlib.util
 import logging
-import math
 import os
 import pathlib
 import random
@@ -52,16 +49,16 @@ import torch
 import torch.distributed as dist
 
 from q_tuning import QTuningConfig, QTuningPruner, format_report
+from q_tuning.observe import load_hooks, log_step
 from q_tuning.train import checkpointing
 from q_tuning.train.arguments import (samples_per_step, train_iters_for_epochs,
                                       validate_parallel_sizes)
 
 logger = logging.getLogger("q_tuning.train")
 
-__all__ = ["Trainer", "init_distributed", "load_postprocess_hooks", "progress",
+__all__ = ["Trainer", "init_distributed", "progress",
            "quiet_expected_warnings"]
 
-PostprocessHook = Callable[[argparse.Namespace, int, dict], Any]
 
 
 # --- runtime utilities ---------------------------------------------------------------------------
@@ -150,27 +147,6 @@ def progress(what: str, every: float = 10.0):
     logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
 
 
-def load_postprocess_hooks(paths: Optional[list[str]]) -> list[PostprocessHook]:
-    """Import each `package.module.function` (or `package.module:function`) named in `paths`."""
-    hooks = []
-    for path in paths or []:
-        module_name, _, attr = path.rpartition(":") if ":" in path else path.rpartition(".")
-        if not module_name:
-            raise ValueError(f"--rollout-data-postprocess-path {path!r}: expected "
-                             "'package.module.function'")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ValueError(f"--rollout-data-postprocess-path {path!r}: cannot import "
-                             f"{module_name!r} ({err})") from err
-        hook = getattr(module, attr, None)
-        if not callable(hook):
-            raise ValueError(f"--rollout-data-postprocess-path {path!r}: {module_name!r} has no "
-                             f"callable {attr!r}")
-        hooks.append(hook)
-    return hooks
-
-
 def _seed_everything(seed: int) -> None:
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
@@ -221,7 +197,7 @@ class Trainer:
         # swappable components
         self.model = self._build_model(hf_model)
         self.optimizer, self.scheduler = self._build_optimizer()
-        self.postprocess_hooks = load_postprocess_hooks(args.rollout_data_postprocess_path)
+        self.postprocess_hooks = load_hooks(args.rollout_data_postprocess_path or [])
         # With Q-Tuning the pruner calls the hooks itself, between its decision and the
         # rebalance, with the scored samples and their statistics (`QTuningPruner.rollout_data`).
         self.pruner = (QTuningPruner(QTuningConfig.from_args(args),
@@ -581,20 +557,8 @@ class Trainer:
                     "consumed_samples", "grad_norm"):
             if metrics[key] is not None:
                 self.writer.add_scalar(f"train/{key}", metrics[key], it)
-        report = metrics["q_tuning"]
-        if report is not None:
-            for key in ("kept_samples", "total_samples", "kept_tokens", "total_tokens", "level",
-                        "unplaceable_samples", "scoring_seconds"):
-                self.writer.add_scalar(f"q_tuning/{key}", report[key], it)
-            self.writer.add_scalar("q_tuning/kept_sample_fraction",
-                                   report["kept_samples"] / max(report["total_samples"], 1), it)
-            self.writer.add_scalar("q_tuning/kept_token_fraction",
-                                   report["kept_tokens"] / max(report["total_tokens"], 1), it)
-            for quadrant, count in report["quadrant_counts"].items():
-                self.writer.add_scalar(f"q_tuning/quadrant_{quadrant}", count, it)
-            for name, value in report["thresholds"].items():
-                if math.isfinite(value):
-                    self.writer.add_scalar(f"q_tuning/{name}", value, it)
+        if metrics["q_tuning"] is not None:  # last_decision belongs to the step just trained
+            log_step(self.writer, metrics["q_tuning"], self.pruner.last_decision, it)
         self.writer.flush()
 
     def close(self) -> None:
