@@ -11,6 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 BATCH_POLICIES = ("shrink", "refill")
+SCORING_METHODS = ("fused", "logits")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -26,6 +27,9 @@ class QTuningConfig:
     # Scoring stores no activations, so it may use larger micro-batches than training.
     # None: use the training micro-batch size.
     scoring_micro_batch_size: int | None = None
+    # fused: statistics from the final hidden states through the output weight, block by block,
+    # response positions only; logits: from the model's logits (reference, and the fallback).
+    scoring_method: str = "fused"
 
     def __post_init__(self) -> None:
         _check_ratio(self.sample_keep_ratio, "--q-tuning-sample-keep-ratio", lower_open=True)
@@ -38,6 +42,9 @@ class QTuningConfig:
         if self.batch_policy not in BATCH_POLICIES:
             raise ValueError(
                 f"--q-tuning-batch-policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
+        if self.scoring_method not in SCORING_METHODS:
+            raise ValueError(f"--q-tuning-scoring-method must be one of {SCORING_METHODS}, "
+                             f"got {self.scoring_method!r}")
         if self.scoring_micro_batch_size is not None and self.scoring_micro_batch_size < 1:
             raise ValueError("--q-tuning-scoring-micro-batch-size must be an integer >= 1, "
                              f"got {self.scoring_micro_batch_size!r}")
@@ -113,4 +120,9 @@ def add_q_tuning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--q-tuning-scoring-micro-batch-size", type=_positive_int, default=None,
                        help="Micro-batch size of the no-grad scoring forward (default: the "
                             "training micro-batch size).")
+    group.add_argument("--q-tuning-scoring-method", choices=SCORING_METHODS,
+                       default=d.scoring_method,
+                       help="fused: per-token statistics from the final hidden states through the "
+                            "output weight, response positions only, never forming the logits; "
+                            "logits: from the model's logits (reference).")
     return parser

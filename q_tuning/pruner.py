@@ -60,7 +60,7 @@ class QTuningPruner:
             seq_length = seq_length or getattr(config, "seq_length", None)
             if getattr(config, "use_dynamic_batch_size", False):
                 max_tokens_per_gpu = max_tokens_per_gpu or getattr(config, "max_tokens_per_gpu", None)
-        self.scoring_micro_batch_size = self.config.scoring_micro_batch_size or micro_batch_size or 1
+        self.training_micro_batch_size = micro_batch_size or 1
         self.seq_length = seq_length
         self.max_tokens_per_gpu = max_tokens_per_gpu
         self.log = log
@@ -86,8 +86,10 @@ class QTuningPruner:
         comm.agree_on_errors(self._validate(chunks, batch), prefix)
 
         scores = score_samples(chunks, batch["tokens"], batch["loss_masks"],
-                               rows_per_micro_batch=self.scoring_micro_batch_size,
-                               max_tokens_per_row=self.max_tokens_per_gpu, groups=groups)
+                               rows_per_micro_batch=self.config.scoring_micro_batch_size,
+                               training_micro_batch_size=self.training_micro_batch_size,
+                               max_tokens_per_row=self.max_tokens_per_gpu,
+                               method=self.config.scoring_method, groups=groups)
         scoring_seconds = time.perf_counter() - start
         global_sums, counts = comm.all_gather_rows(_sample_sums(scores, batch["tokens"]), groups.dp)
         if global_sums.shape[0] == 0:
@@ -131,6 +133,7 @@ class QTuningPruner:
                                    (float(t) for t in selection.thresholds))),
             "filler_samples": fillers,
             "scoring_seconds": scoring_seconds,
+            "scoring_peak_memory_bytes": scores.peak_memory_bytes,
             "seconds": time.perf_counter() - start,
         }
         if self.log and _is_global_rank_zero():
@@ -273,6 +276,8 @@ def format_report(report: dict) -> str:
         f"({100.0 * report['kept_tokens'] / max(report['total_tokens'], 1):.1f}%)"
         + (f", {report['unplaceable_samples']} unplaceable" if report["unplaceable_samples"] else ""),
         f"[Q-Tuning] level={report['level']:.4f} ppl=[{t['ppl_low']:.3g}, {t['ppl_high']:.3g}] "
-        f"ent=[{t['ent_low']:.3g}, {t['ent_high']:.3g}] scoring={report['scoring_seconds']:.2f}s",
+        f"ent=[{t['ent_low']:.3g}, {t['ent_high']:.3g}] scoring={report['scoring_seconds']:.2f}s"
+        + (f" peak={report['scoring_peak_memory_bytes'] / 2**20:.0f}MiB"
+           if report.get("scoring_peak_memory_bytes") else ""),
     ]
     return "\n".join(lines)
