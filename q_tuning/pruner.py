@@ -133,7 +133,7 @@ class QTuningPruner:
                                    (float(t) for t in selection.thresholds))),
             "filler_samples": fillers,
             "scoring_seconds": scoring_seconds,
-            "scoring_peak_memory_bytes": scores.peak_memory_bytes,
+            "scoring_peak_memory_bytes": comm.max_over_group(scores.peak_memory_bytes, groups.dp),
             "seconds": time.perf_counter() - start,
         }
         if self.log and _is_global_rank_zero():
