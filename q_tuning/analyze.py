@@ -48,7 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from q_tuning.config import QTuningConfig, add_q_tuning_args
+from q_tuning.config import QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.selection import (QUADRANT_NAMES, keep_count, sample_ppl_entropy_from_tokens,
                                 select_samples)
 
@@ -61,16 +61,6 @@ OUTPUTS = {"samples": "samples.jsonl", "figure": "eu_plane.png", "summary": "sum
 
 
 # --- arguments ------------------------------------------------------------------------------------
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -87,10 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true",
                    help="bf16 weights (statistics are computed in fp32 either way); with --load, "
                         "the run's own precision is used")
-    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=1,
+    g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=1,
                    help="vocabulary padding multiple (x TP); 1 keeps the entropy that of the HF "
                         "model")
-    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1,
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1,
                    help="TP size; run under torchrun with a world size divisible by it (the "
                         "rest is data parallel)")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -98,21 +88,21 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", required=True,
                    help="JSONL file(s): chat 'messages' or 'prompt'/'response' per line")
-    g.add_argument("--seq-length", type=_positive_int, default=2048,
+    g.add_argument("--seq-length", type=positive_int, default=2048,
                    help="longer samples are truncated (as in training)")
-    g.add_argument("--batch-size", type=_positive_int, default=32,
+    g.add_argument("--batch-size", type=positive_int, default=32,
                    help="samples scored per pass and data-parallel replica")
-    g.add_argument("--micro-batch-size", type=_positive_int, default=None,
+    g.add_argument("--micro-batch-size", type=positive_int, default=None,
                    help="rows per forward micro-batch (default: chosen from memory, as the "
                         "trainer's scoring pass)")
-    g.add_argument("--selection-batch-size", type=_positive_int, default=None,
+    g.add_argument("--selection-batch-size", type=positive_int, default=None,
                    help="apply the selection to consecutive batches of this many samples "
                         "(e.g. the training global batch size); default: the whole data set as "
                         "one batch")
 
     g = parser.add_argument_group("output")
     g.add_argument("--output-dir", default="q_tuning_analysis")
-    g.add_argument("--html-examples", type=_positive_int, default=4,
+    g.add_argument("--html-examples", type=positive_int, default=4,
                    help="examples per quadrant in report.html")
     g.add_argument("--seed", type=int, default=0, help="which examples report.html shows")
     add_q_tuning_args(parser)

@@ -82,7 +82,8 @@ def _ranged_float(lower_open: bool) -> Callable[[str], float]:
     return parse
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type for flags that take an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -112,12 +113,12 @@ def add_q_tuning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     group.add_argument("--q-tuning-neighbor-lambda", type=_ranged_float(False),
                        default=d.neighbor_lambda,
                        help="Weight of the neighbours' perplexity in the token score, in [0, 1].")
-    group.add_argument("--q-tuning-bisect-max-iter", type=_positive_int, default=d.bisect_max_iter,
+    group.add_argument("--q-tuning-bisect-max-iter", type=positive_int, default=d.bisect_max_iter,
                        help="Bisection steps on the quantile level (integer >= 1).")
     group.add_argument("--q-tuning-batch-policy", choices=BATCH_POLICIES, default=d.batch_policy,
                        help="shrink: train on the kept part of each scored batch; refill: score "
                             "until a full batch of kept samples is collected.")
-    group.add_argument("--q-tuning-scoring-micro-batch-size", type=_positive_int, default=None,
+    group.add_argument("--q-tuning-scoring-micro-batch-size", type=positive_int, default=None,
                        help="Micro-batch size of the no-grad scoring forward (default: the "
                             "training micro-batch size).")
     group.add_argument("--q-tuning-scoring-method", choices=SCORING_METHODS,

@@ -20,23 +20,13 @@ import math
 import pathlib
 from typing import Sequence
 
-from q_tuning.config import add_q_tuning_args
+from q_tuning.config import add_q_tuning_args, positive_int
 from q_tuning.train.presets import PRESETS, get_preset
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
            "samples_per_step"]
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
 
 
 def _non_negative_float(text: str) -> float:
@@ -70,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenizer folder or .gguf (default: --hf-checkpoint)")
     g.add_argument("--bf16", action="store_true",
                    help="bf16 parameters and activations, fp32 main weights in the optimizer")
-    g.add_argument("--make-vocab-size-divisible-by", type=_positive_int, default=1,
+    g.add_argument("--make-vocab-size-divisible-by", type=positive_int, default=1,
                    help="pad the vocabulary to a multiple of this x TP (Megatron-LM uses 128 for "
                         "speed; padded logits are 0 and enter the softmax, so 1 keeps the loss "
                         "and the Q-Tuning entropy exactly those of the HF model)")
@@ -78,24 +68,24 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="JSONL file(s): chat 'messages' or 'prompt'/'response' per line")
-    g.add_argument("--seq-length", type=_positive_int, default=2048,
+    g.add_argument("--seq-length", type=positive_int, default=2048,
                    help="longest sample in tokens; longer ones are truncated (counted in the log)")
     g.add_argument("--seed", type=int, default=1234, help="data order and RNG seed")
 
     g = parser.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=_positive_int, default=1)
-    g.add_argument("--global-batch-size", type=_positive_int, default=None,
+    g.add_argument("--micro-batch-size", type=positive_int, default=1)
+    g.add_argument("--global-batch-size", type=positive_int, default=None,
                    help="samples per optimizer step over all data-parallel ranks (with "
                         "Q-Tuning: samples scored per step under 'shrink', samples trained per "
                         "step under 'refill')")
-    g.add_argument("--train-iters", type=_positive_int, default=None)
-    g.add_argument("--num-epochs", type=_positive_int, default=None,
+    g.add_argument("--train-iters", type=positive_int, default=None)
+    g.add_argument("--num-epochs", type=positive_int, default=None,
                    help="alternative to --train-iters: floor(samples / samples consumed per "
                         "step) x epochs iterations")
     g.add_argument("--use-dynamic-batch-size", action="store_true",
                    help="pack samples first-fit into rows of at most --max-tokens-per-gpu tokens "
                         "(one row per micro-batch) instead of --micro-batch-size padded rows")
-    g.add_argument("--max-tokens-per-gpu", type=_positive_int, default=None)
+    g.add_argument("--max-tokens-per-gpu", type=positive_int, default=None)
     g.add_argument("--rollout-data-postprocess-path", nargs="+", default=None, metavar="MODULE.FN",
                    help="callable(s) (args, rollout_id, rollout_data) run on every rank each "
                         "step before the gradient step (slime's contract); rollout_data holds "
@@ -107,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=_non_negative_float, default=1e-5)
     g.add_argument("--min-lr", type=_non_negative_float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-iters", type=_positive_int, default=None,
+    g.add_argument("--lr-decay-iters", type=positive_int, default=None,
                    help="default: the number of training iterations")
     g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="cosine")
     g.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
@@ -122,26 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap the data-parallel gradient reduction with the backward pass")
 
     g = parser.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=_positive_int, default=1)
-    g.add_argument("--virtual-pipeline-model-parallel-size", type=_positive_int, default=None)
-    g.add_argument("--context-parallel-size", type=_positive_int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=positive_int, default=None)
+    g.add_argument("--context-parallel-size", type=positive_int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: cuda when available, else cpu (gloo, megatron-core via mcore_cpu)")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl on cuda, gloo on cpu")
-    g.add_argument("--distributed-timeout-minutes", type=_positive_int, default=30)
+    g.add_argument("--distributed-timeout-minutes", type=positive_int, default=30)
 
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint folder (megatron dist_checkpointing)")
-    g.add_argument("--save-interval", type=_positive_int, default=None,
+    g.add_argument("--save-interval", type=positive_int, default=None,
                    help="iterations between checkpoints (a last one is always written at the end "
                         "when --save is given)")
     g.add_argument("--load", default=None,
                    help="resume from the latest checkpoint in this folder (none there: start "
                         "from --hf-checkpoint)")
-    g.add_argument("--exit-interval", type=_positive_int, default=None,
+    g.add_argument("--exit-interval", type=positive_int, default=None,
                    help="stop after the first iteration divisible by this (saving a checkpoint "
                         "when --save is given); the schedule still follows --train-iters")
     g.add_argument("--no-load-optim", action="store_true", help="do not restore optimizer state")
@@ -151,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "here")
 
     g = parser.add_argument_group("logging")
-    g.add_argument("--log-interval", type=_positive_int, default=1)
+    g.add_argument("--log-interval", type=positive_int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
 
     add_q_tuning_args(parser)
