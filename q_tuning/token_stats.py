@@ -31,9 +31,6 @@ __all__ = ["token_nll_entropy", "token_stats_workspace_bytes"]
 _CPU_CHUNK_ELEMENTS_SINGLE_THREAD = 1 << 20
 _CPU_CHUNK_ELEMENTS_MULTI_THREAD = 1 << 24
 _CHUNK_ELEMENTS_OTHER = 1 << 26
-# Upper bound per device type, kept for q_tuning/parallel/scoring.py until it calls
-# token_stats_workspace_bytes instead; remove then.
-_CHUNK_ELEMENTS = {"cpu": _CPU_CHUNK_ELEMENTS_MULTI_THREAD}
 # Per-token rows of the `[4, N]` stats, against the max m of the (local) logits, e = exp(z - m):
 # m; sum e*(z - m) (<= 0); sum e; z[target] - m (0 where the target is in another TP shard).
 _STATS = ("max", "sum_ed", "sum_exp", "target")
