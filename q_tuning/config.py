@@ -12,6 +12,9 @@ from typing import Any, Callable
 
 BATCH_POLICIES = ("shrink", "refill")
 SCORING_METHODS = ("fused", "logits")
+# q_tuning.strategies.STRATEGIES, repeated here so the flags parse without importing torch code.
+STRATEGY_NAMES = ("eu_plane", "random", "ppl_high", "ppl_low", "entropy_high", "entropy_low",
+                  "infobatch")
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -30,6 +33,11 @@ class QTuningConfig:
     # fused: statistics from the final hidden states through the output weight, block by block,
     # response positions only; logits: from the model's logits (reference, and the fallback).
     scoring_method: str = "fused"
+    # eu_plane (Q-Tuning), a baseline of q_tuning.strategies, or a user's module.path.function.
+    strategy: str = "eu_plane"
+    seed: int = 1234  # random draws of the random/infobatch strategies (same on every rank)
+    infobatch_prune_ratio: float = 0.5
+    infobatch_anneal: float = 0.125
 
     def __post_init__(self) -> None:
         _check_ratio(self.sample_keep_ratio, "--q-tuning-sample-keep-ratio", lower_open=True)
@@ -45,6 +53,16 @@ class QTuningConfig:
         if self.scoring_method not in SCORING_METHODS:
             raise ValueError(f"--q-tuning-scoring-method must be one of {SCORING_METHODS}, "
                              f"got {self.scoring_method!r}")
+        if not isinstance(self.strategy, str) or not (
+                self.strategy in STRATEGY_NAMES or "." in self.strategy.strip(".")):
+            raise ValueError(f"--q-tuning-strategy must be one of {STRATEGY_NAMES} or a function "
+                             f"as module.path.function, got {self.strategy!r}")
+        if self.infobatch_prune_ratio >= 1.0:
+            raise ValueError("--q-tuning-infobatch-prune-ratio must be in [0, 1), got "
+                             f"{self.infobatch_prune_ratio!r}")
+        _check_ratio(self.infobatch_prune_ratio, "--q-tuning-infobatch-prune-ratio",
+                     lower_open=False)
+        _check_ratio(self.infobatch_anneal, "--q-tuning-infobatch-anneal", lower_open=False)
         if self.scoring_micro_batch_size is not None and self.scoring_micro_batch_size < 1:
             raise ValueError("--q-tuning-scoring-micro-batch-size must be an integer >= 1, "
                              f"got {self.scoring_micro_batch_size!r}")
@@ -126,4 +144,18 @@ def add_q_tuning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="fused: per-token statistics from the final hidden states through the "
                             "output weight, response positions only, never forming the logits; "
                             "logits: from the model's logits (reference).")
+    group.add_argument("--q-tuning-strategy", default=d.strategy, metavar="NAME|MODULE.FN",
+                       help="Which samples/tokens to train on: eu_plane (Q-Tuning), or a baseline "
+                            "under identical conditions: random, ppl_high, ppl_low, entropy_high, "
+                            "entropy_low, infobatch; or module.path.function for your own rule "
+                            "(contract in q_tuning.strategies).")
+    group.add_argument("--q-tuning-seed", type=int, default=d.seed,
+                       help="Seed of the random draws of the random and infobatch strategies.")
+    group.add_argument("--q-tuning-infobatch-prune-ratio", type=_ranged_float(False),
+                       default=d.infobatch_prune_ratio,
+                       help="InfoBatch: probability of dropping a below-mean-loss sample, in "
+                            "[0, 1).")
+    group.add_argument("--q-tuning-infobatch-anneal", type=_ranged_float(False),
+                       default=d.infobatch_anneal,
+                       help="InfoBatch: share of the run's final steps trained on full data.")
     return parser

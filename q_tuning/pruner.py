@@ -9,9 +9,10 @@ on every rank:
 
 - scoring: `parallel.scoring.score_samples` (TP/PP/CP inside, see its docstring);
 - DP: per-sample sums (nll, entropy, tokens, length) are all-gathered in DP-rank order; every rank
-  runs `select_samples` on the identical global tensor;
+  runs the strategy (`select_samples` for Q-Tuning, or a baseline of `q_tuning.strategies`) on the
+  identical global tensor;
 - tokens: each rank prunes its own Q2 samples with `token_keep_mask` (it holds their per-token
-  statistics), before the samples move;
+  statistics), before the samples move; baselines may prune tokens at random or weight losses;
 - rebalance: kept samples are reassigned so every DP rank gets the same count (+-1) and near-equal
   tokens (`parallel.rebalance`).
 Bad input is detected on every rank and agreed on before any collective, so it raises the same
@@ -26,11 +27,14 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from q_tuning.config import QTuningConfig
+from q_tuning.config import STRATEGY_NAMES, QTuningConfig
 from q_tuning.parallel import comm
 from q_tuning.parallel.rebalance import assign_to_ranks, filler_sample, gather_kept
 from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples
-from q_tuning.selection import SampleSelection, sample_ppl_entropy, select_samples
+from q_tuning.selection import SampleSelection, sample_ppl_entropy
+from q_tuning.strategies import (StrategyDecision, StrategyInputs, TokenPruning, decide,
+                                 needs_scores, random_token_keep_mask, resolve_strategy,
+                                 seeded_generator)
 from q_tuning.token_pruning import token_keep_mask
 
 
@@ -38,7 +42,8 @@ from q_tuning.token_pruning import token_keep_mask
 class StepDecision:
     """Everything decided in one step, for hooks, plots and tests."""
 
-    selection: SampleSelection  # global, DP-rank-major sample order
+    selection: SampleSelection  # global, DP-rank-major sample order; `keep` is the strategy's
+    strategy: StrategyDecision
     sample_ppl: torch.Tensor  # [N_global] float64
     sample_entropy: torch.Tensor  # [N_global] float64
     local_offset: int  # global index of this DP rank's first sample
@@ -51,13 +56,15 @@ class QTuningPruner:
 
     def __init__(self, config: QTuningConfig | Any, *, micro_batch_size: int | None = None,
                  seq_length: int | None = None, max_tokens_per_gpu: int | None = None,
-                 log: bool = True, hooks: Sequence[Callable] = (), hook_args: Any = None) -> None:
+                 log: bool = True, hooks: Sequence[Callable] = (), hook_args: Any = None,
+                 total_steps: int | None = None) -> None:
         if isinstance(config, QTuningConfig):
             self.config = config
         else:  # a parsed Megatron-style args namespace
             self.config = QTuningConfig.from_args(config)
             micro_batch_size = micro_batch_size or getattr(config, "micro_batch_size", None)
             seq_length = seq_length or getattr(config, "seq_length", None)
+            total_steps = total_steps or getattr(config, "train_iters", None)
             if getattr(config, "use_dynamic_batch_size", False):
                 max_tokens_per_gpu = max_tokens_per_gpu or getattr(config, "max_tokens_per_gpu", None)
         self.training_micro_batch_size = micro_batch_size or 1
@@ -67,6 +74,8 @@ class QTuningPruner:
         # slime's --rollout-data-postprocess-path contract: hook(args, rollout_id, rollout_data)
         self.hooks = list(hooks)
         self.hook_args = hook_args if hook_args is not None else config
+        self.total_steps = total_steps  # InfoBatch anneals over the last steps of the run
+        resolve_strategy(self.config.strategy)  # a bad --q-tuning-strategy fails here
         self.step = 0
         self.last_decision: StepDecision | None = None
 
@@ -85,11 +94,13 @@ class QTuningPruner:
         prefix = f"Q-Tuning step {self.step}: "
         comm.agree_on_errors(self._validate(chunks, batch), prefix)
 
+        scored = needs_scores(self.config.strategy)
         scores = score_samples(chunks, batch["tokens"], batch["loss_masks"],
                                rows_per_micro_batch=self.config.scoring_micro_batch_size,
                                training_micro_batch_size=self.training_micro_batch_size,
                                max_tokens_per_row=self.max_tokens_per_gpu,
-                               method=self.config.scoring_method, groups=groups)
+                               method=self.config.scoring_method, groups=groups) \
+            if scored else _unscored(batch["loss_masks"])
         scoring_seconds = time.perf_counter() - start
         global_sums, counts = comm.all_gather_rows(_sample_sums(scores, batch["tokens"]), groups.dp)
         if global_sums.shape[0] == 0:
@@ -98,15 +109,19 @@ class QTuningPruner:
         offset = sum(counts[:dp_rank])
 
         ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2])
+        if not scored:
+            ppl, ent = torch.full_like(ppl, float("nan")), torch.full_like(ent, float("nan"))
         placed = int((global_sums[:, 2] > 0).sum())
         ratio = self.config.sample_keep_ratio if keep_count is None \
             else min(1.0, keep_count / max(placed, 1))
-        selection = select_samples(ppl, ent, ratio, self.config.bisect_max_iter, step=self.step,
-                                   num_tokens=global_sums[:, 2])
+        strategy = self._decide(ppl, ent, global_sums[:, 2], ratio, groups, prefix)
+        selection = dataclasses.replace(
+            strategy.selection or _unscored_selection(strategy.keep, global_sums[:, 2], ratio),
+            keep=strategy.keep)
         self.last_decision = StepDecision(
-            selection=selection, sample_ppl=ppl, sample_entropy=ent, local_offset=offset,
-            local_scores=scores, local_loss_masks=self._pruned_masks(selection, offset, scores,
-                                                                     batch["loss_masks"]))
+            selection=selection, strategy=strategy, sample_ppl=ppl, sample_entropy=ent,
+            local_offset=offset, local_scores=scores,
+            local_loss_masks=self._pruned_masks(strategy, offset, scores, batch["loss_masks"]))
         if self.hooks:
             self._run_hooks(batch, rollout_id if rollout_id is not None else self.step, prefix)
 
@@ -122,7 +137,11 @@ class QTuningPruner:
         new_batch = {f: [s[f] for s in mine] for f in batch}
         report = {
             "step": self.step,
+            "strategy": self.config.strategy,
             "quadrant_counts": selection.quadrant_counts(),
+            "kept_quadrant_counts": dataclasses.replace(
+                selection, quadrant=torch.where(selection.keep, selection.quadrant, 0)
+            ).quadrant_counts(),
             "kept_samples": len(kept_index),
             "total_samples": int(global_sums.shape[0]),
             "unplaceable_samples": int(selection.num_unplaceable),
@@ -186,19 +205,58 @@ class QTuningPruner:
         comm.agree_on_errors(error, prefix)  # every rank, whatever happened here
         self.last_decision.local_loss_masks = list(masks)
 
-    def _pruned_masks(self, selection: SampleSelection, offset: int, scores: TokenScores,
+    def _decide(self, ppl: torch.Tensor, ent: torch.Tensor, num_tokens: torch.Tensor, ratio: float,
+                groups: ParallelGroups, prefix: str) -> StrategyDecision:
+        """The strategy's decision; a user's rule that fails or differs between ranks stops every
+        rank with the same error."""
+        c = self.config
+        inputs = StrategyInputs(
+            ppl=ppl.cpu(), entropy=ent.cpu(), num_tokens=num_tokens.cpu(), keep_ratio=ratio,
+            token_keep_ratio=c.token_keep_ratio, bisect_max_iter=c.bisect_max_iter, step=self.step,
+            total_steps=self.total_steps, generator=seeded_generator(c.seed, self.step),
+            options={"infobatch_prune_ratio": c.infobatch_prune_ratio,
+                     "infobatch_anneal": c.infobatch_anneal})
+        if c.strategy in STRATEGY_NAMES:  # built-ins are deterministic in their inputs
+            return decide(c.strategy, inputs)
+        decision, error = None, None
+        try:
+            decision = decide(c.strategy, inputs)
+        except Exception as e:  # reported on every rank by agree_on_errors
+            error = f"--q-tuning-strategy {c.strategy} raised {type(e).__name__}: {e}"
+        comm.agree_on_errors(error, prefix)
+        digest = torch.stack([decision.keep.double().sum(), (decision.keep.double() * torch.arange(
+            1, ppl.numel() + 1, dtype=torch.float64)).sum(), decision.loss_weight.sum(),
+            decision.token_pruning.double().sum()])
+        if comm.world_disagrees(digest):
+            comm.agree_on_errors(f"--q-tuning-strategy {c.strategy} gave different decisions on "
+                                 "different ranks; draw random numbers from inputs.generator", prefix)
+        return decision
+
+    def _pruned_masks(self, strategy: StrategyDecision, offset: int, scores: TokenScores,
                       loss_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Loss masks of this rank's samples; Q2 kept samples get their highest-scoring tokens
-        cleared, every other sample keeps its mask untouched."""
+        """Loss masks of this rank's samples after the strategy's token pruning and loss weights.
+
+        Q-Tuning: kept Q2 samples get their highest-scoring tokens cleared, every other sample
+        keeps its mask untouched."""
         masks = list(loss_masks)
         n = len(masks)
-        q2 = [i for i in range(n) if bool(selection.keep[offset + i])
-              and int(selection.quadrant[offset + i]) == 2]
-        if q2:
-            keep = token_keep_mask(scores.nll[q2], scores.target_mask[q2],
+        rule = [int(strategy.token_pruning[offset + i]) if bool(strategy.keep[offset + i])
+                else TokenPruning.NONE for i in range(n)]
+        scored = [i for i in range(n) if rule[i] == TokenPruning.SCORED]
+        if scored:
+            keep = token_keep_mask(scores.nll[scored], scores.target_mask[scored],
                                    self.config.token_keep_ratio, self.config.neighbor_lambda)
-            for row, i in enumerate(q2):
+            for row, i in enumerate(scored):
                 masks[i] = keep[row, :masks[i].numel()].to(masks[i].dtype)
+        for i in (i for i in range(n) if rule[i] == TokenPruning.RANDOM):
+            generator = seeded_generator(self.config.seed, self.step, offset + i)
+            keep = random_token_keep_mask(scores.target_mask[i, :masks[i].numel()].cpu(),
+                                          self.config.token_keep_ratio, generator)
+            masks[i] = keep.to(masks[i].device, masks[i].dtype)
+        for i in range(n):
+            weight = float(strategy.loss_weight[offset + i])
+            if weight != 1.0:
+                masks[i] = masks[i].to(torch.float32) * weight
         return masks
 
     @staticmethod
@@ -206,7 +264,7 @@ class QTuningPruner:
                   dp_group, kept_index: list[int], lengths: list[int]
                   ) -> tuple[list[dict], int, int]:
         everything = gather_kept(local_kept, dp_group)
-        kept_tokens = sum(int(s["loss_masks"][1:].sum()) for s in everything.values())
+        kept_tokens = sum(int(s["loss_masks"][1:].count_nonzero()) for s in everything.values())
         mine = [everything[i] for i in assignment[dp_rank]]
         fillers = sum(1 for a in assignment if not a)
         if not mine:
@@ -245,6 +303,29 @@ class QTuningPruner:
         return None
 
 
+def _unscored(loss_masks: Sequence[torch.Tensor]) -> TokenScores:
+    """TokenScores for a strategy that needs no scoring forward: the target mask only."""
+    length = max((m.numel() for m in loss_masks), default=0)
+    target = torch.zeros(len(loss_masks), length, dtype=torch.bool)
+    for i, m in enumerate(loss_masks):
+        target[i, 1:m.numel()] = m[1:].cpu() != 0
+    zeros = torch.zeros(target.shape, dtype=torch.float32)
+    return TokenScores(nll=zeros, entropy=zeros.clone(), target_mask=target, method="none")
+
+
+def _unscored_selection(keep: torch.Tensor, num_tokens: torch.Tensor, ratio: float
+                        ) -> SampleSelection:
+    """A SampleSelection without EU-plane labels (quadrant 0, NaN level and thresholds)."""
+    placed = num_tokens.cpu() > 0
+    nan = float("nan")
+    return SampleSelection(
+        keep=keep, quadrant=torch.zeros(keep.shape, dtype=torch.int64), placed=placed,
+        entry_level=torch.full(keep.shape, nan, dtype=torch.float64), level=nan,
+        thresholds=(nan, nan, nan, nan), target_count=int(keep.sum()),
+        num_placed=int(placed.sum()), num_unplaceable=int((~placed).sum()),
+        num_empty=int((~placed).sum()), keep_ratio=ratio)
+
+
 def _sample_sums(scores: TokenScores, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
     """`[n, 4]` float64: nll sum, entropy sum, target count, length per sample."""
     mask = scores.target_mask
@@ -275,7 +356,9 @@ def format_report(report: dict) -> str:
         f"{report['kept_tokens']}/{report['total_tokens']} tokens "
         f"({100.0 * report['kept_tokens'] / max(report['total_tokens'], 1):.1f}%)"
         + (f", {report['unplaceable_samples']} unplaceable" if report["unplaceable_samples"] else ""),
-        f"[Q-Tuning] level={report['level']:.4f} ppl=[{t['ppl_low']:.3g}, {t['ppl_high']:.3g}] "
+        (f"[Q-Tuning] strategy={report['strategy']} "
+         if report.get("strategy", "eu_plane") != "eu_plane" else "[Q-Tuning] ")
+        + f"level={report['level']:.4f} ppl=[{t['ppl_low']:.3g}, {t['ppl_high']:.3g}] "
         f"ent=[{t['ent_low']:.3g}, {t['ent_high']:.3g}] scoring={report['scoring_seconds']:.2f}s"
         + (f" peak={report['scoring_peak_memory_bytes'] / 2**20:.0f}MiB"
            if report.get("scoring_peak_memory_bytes") else ""),

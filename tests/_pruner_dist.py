@@ -144,7 +144,7 @@ def reference_grads_worker(rank, world_size, batch: dict, kept_masks: dict):
                                                     reduction="none")
             m = torch.tensor(mask[1:], dtype=torch.float32)
             total = total + (nll * m).sum()
-            count += int(m.sum())
+            count += int((m != 0).sum())  # mask values are loss weights; count the tokens
         (total / count).backward()
         return full_state_dict([model], grads=True)
     finally:
@@ -211,3 +211,34 @@ def hook_worker(rank, world_size, hook_name: str):
                 "kept_tokens": report["kept_tokens"]}
     finally:
         destroy_parallel()
+
+
+def strategy_worker(rank, world_size, config: dict, batch: dict):
+    """Prune with a strategy; also counts the model forwards the pruner itself runs."""
+    init_parallel()
+    try:
+        chunks = build_tiny_gpt(**MODEL)
+        dp_rank, dp_size = _dp()
+        forwards = []
+        hooks = [unwrap(c).register_forward_pre_hook(lambda mod, args: forwards.append(1))
+                 for c in chunks]
+        pruner = QTuningPruner(QTuningConfig(**config), log=False)
+        try:
+            new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size))
+        except ValueError as e:
+            return {"error": str(e)}
+        for h in hooks:
+            h.remove()
+        return {**_decision(pruner), "report": report, "forwards": len(forwards),
+                "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])}}
+    finally:
+        destroy_parallel()
+
+
+def rank_dependent_strategy(inputs):
+    """A broken user rule: different decisions on different ranks."""
+    import torch.distributed as dist
+
+    keep = torch.zeros(inputs.ppl.shape, dtype=torch.bool)
+    keep[dist.get_rank()] = True
+    return keep

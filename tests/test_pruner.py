@@ -188,3 +188,36 @@ def test_failing_hook_stops_every_rank_naming_hook_and_step():
     for o in outs:
         assert "Q-Tuning step 1: rank 1: postprocess hook" in o["error"]
         assert "hook_failing_on_rank_one raised RuntimeError: bad data at step 7" in o["error"]
+
+
+def test_random_strategy_skips_scoring_and_is_layout_independent():
+    config = {**CONFIG, "strategy": "random", "seed": 7}
+    (one,) = run_distributed(W.strategy_worker, 1, config, BATCH, timeout=TIMEOUT)
+    two = run_distributed(W.strategy_worker, 2, config, BATCH, timeout=TIMEOUT)
+    assert one["forwards"] == 0 and all(o["forwards"] == 0 for o in two)
+    assert one["report"]["kept_samples"] == 6 and one["report"]["strategy"] == "random"
+    merged = {u: m for o in two for u, m in o["new"].items()}
+    assert merged == one["new"]
+    for uid, mask in one["new"].items():
+        targets = int(BATCH["loss_masks"][uid][1:].sum())
+        assert sum(mask[1:]) == max(1, math.floor(0.6 * targets + 0.5))
+        assert all(not m or t for m, t in zip(mask, BATCH["loss_masks"][uid].tolist()))
+
+
+def test_infobatch_gradients_equal_the_weighted_reference():
+    config = {**CONFIG, "strategy": "infobatch", "infobatch_prune_ratio": 0.5, "seed": 3}
+    outs = run_distributed(W.train_step_worker, 2, 1, 1, 1, None, config, BATCH, 2,
+                           timeout=TIMEOUT)
+    kept = _union_of_new_batches(outs)
+    assert any(v == 2.0 for mask in kept.values() for v in mask)  # rescaled 1 / (1 - 0.5)
+    assert len(kept) < len(BATCH["tokens"])
+    (ref,) = run_distributed(W.reference_grads_worker, 1, BATCH, kept, timeout=TIMEOUT)
+    for out in outs:
+        for name, g in ref.items():
+            torch.testing.assert_close(out["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_a_user_strategy_that_differs_between_ranks_fails_on_every_rank():
+    config = {**CONFIG, "strategy": "tests._pruner_dist.rank_dependent_strategy"}
+    outs = run_distributed(W.strategy_worker, 2, config, BATCH, timeout=TIMEOUT)
+    assert all("gave different decisions on different ranks" in o["error"] for o in outs)

@@ -92,3 +92,14 @@ def max_over_group(value: int, group) -> int:
     t = torch.tensor([value], dtype=torch.long, device=_device(group))
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t)
+
+
+def world_disagrees(values: torch.Tensor) -> bool:
+    """True on every rank when `values` (float64) differ anywhere in the default group."""
+    if not _active(None):
+        return False
+    device = _device(None)
+    both = torch.cat([values, -values]).to(device, torch.float64)
+    dist.all_reduce(both, op=dist.ReduceOp.MAX)
+    n = values.numel()
+    return not torch.equal(both[:n], -both[n:])

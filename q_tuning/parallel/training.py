@@ -64,8 +64,10 @@ def per_token_loss_forward_step(data_iterator: Iterator[dict], model: torch.nn.M
 
 
 def _sum_token_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
+    # Mask values are per-token loss weights (1 normally; InfoBatch rescales kept easy samples);
+    # the normaliser counts loss tokens, so a weight changes a token's share of the mean.
     total = (losses.float() * loss_mask).sum()
-    num_tokens = loss_mask.sum().to(torch.int)
+    num_tokens = loss_mask.count_nonzero().to(torch.int)
     return total, num_tokens, {"lm loss": torch.stack([total.detach(), num_tokens.float()])}
 
 

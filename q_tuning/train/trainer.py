@@ -204,7 +204,8 @@ class Trainer:
                                      micro_batch_size=args.micro_batch_size,
                                      seq_length=args.seq_length,
                                      max_tokens_per_gpu=self._max_tokens_per_row(), log=False,
-                                     hooks=self.postprocess_hooks, hook_args=args)
+                                     hooks=self.postprocess_hooks, hook_args=args,
+                                     total_steps=args.train_iters)
                        if args.enable_q_tuning else None)
 
         # runtime state
@@ -468,7 +469,7 @@ class Trainer:
         counts = torch.tensor([
             sum(1 for m in batch["loss_masks"] if bool(m[1:].any())),
             sum(t.numel() for t in batch["tokens"]),
-            sum(int(m[1:].sum()) for m in batch["loss_masks"])], dtype=torch.float64)
+            sum(int(m[1:].count_nonzero()) for m in batch["loss_masks"])], dtype=torch.float64)
         dist.all_reduce(counts, group=ps.get_data_parallel_group())
         samples, tokens, loss_tokens = (int(x) for x in counts.tolist())
         loss_sum, loss_count = loss.tolist()
