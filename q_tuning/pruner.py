@@ -147,6 +147,9 @@ class QTuningPruner:
             "unplaceable_samples": int(selection.num_unplaceable),
             "kept_tokens": kept_tokens,
             "total_tokens": int(global_sums[:, 2].sum()),
+            # the no-grad scoring forward's work: samples and all their tokens (0 when unscored)
+            "scored_samples": int(global_sums.shape[0]) if scored else 0,
+            "scored_tokens": int(global_sums[:, 3].sum()) if scored else 0,
             "level": float(selection.level),
             "thresholds": dict(zip(("ppl_low", "ppl_high", "ent_low", "ent_high"),
                                    (float(t) for t in selection.thresholds))),

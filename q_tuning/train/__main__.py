@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> list[dict]:
             elif ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
         if dist.get_rank() == 0:
+            _write_metrics(args, history)
             _print_outputs(args, trainer)
         return history
     finally:
@@ -105,11 +106,26 @@ def _remove_handlers(handlers: list[logging.Handler]) -> None:
         handler.close()
 
 
+def _write_metrics(args: argparse.Namespace, history: list[dict]) -> None:
+    """<output-dir>/metrics.jsonl: one line per logged iteration (with the Q-Tuning report),
+    for scripts that compare runs; written whole, then renamed into place."""
+    if args.output_dir is None:
+        return
+    import json
+    import os
+
+    path = pathlib.Path(args.output_dir) / "metrics.jsonl"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(m, default=float) + "\n" for m in history))
+    tmp.replace(path)
+
+
 def _print_outputs(args: argparse.Namespace, trainer) -> None:
     log = logging.getLogger("q_tuning.train")
     rows = []
     if args.output_dir is not None:
         rows.append(("log", pathlib.Path(args.output_dir) / "train.log"))
+        rows.append(("metrics", pathlib.Path(args.output_dir) / "metrics.jsonl"))
     if args.preset is not None and args.data_path:
         rows.append(("training data", args.data_path[0]))
     if args.tensorboard_dir:

@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint folder (megatron dist_checkpointing)")
+    g.add_argument("--no-save", action="store_true",
+                   help="write no checkpoint (by default one goes to <output-dir>/checkpoints)")
     g.add_argument("--save-interval", type=positive_int, default=None,
                    help="iterations between checkpoints (a last one is always written at the end "
                         "when --save is given)")
@@ -165,7 +167,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def _check(args: argparse.Namespace) -> None:
     if args.output_dir is not None:
         out = pathlib.Path(args.output_dir)
-        args.save = args.save or str(out / "checkpoints")
+        if not args.no_save:
+            args.save = args.save or str(out / "checkpoints")
         args.tensorboard_dir = args.tensorboard_dir or str(out / "tensorboard")
     if args.preset is None:
         missing = [flag for flag, value in (("--hf-checkpoint", args.hf_checkpoint),
@@ -196,6 +199,8 @@ def _check(args: argparse.Namespace) -> None:
             and args.pipeline_model_parallel_size == 1:
         raise ValueError("--virtual-pipeline-model-parallel-size needs "
                          "--pipeline-model-parallel-size > 1")
+    if args.no_save and args.save is not None:
+        raise ValueError("--no-save and --save contradict each other")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
 

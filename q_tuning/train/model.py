@@ -739,25 +739,45 @@ def save_hf_checkpoint(model_chunks, hf_config: "PretrainedConfig", tokenizer,
     state_dict = export_hf_state_dict(model_chunks)
     if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         assert state_dict, "global rank 0 is expected on the first pipeline stage"
-        if getattr(hf_config, "tie_word_embeddings", False):
-            state_dict.pop("lm_head.weight", None)
-        dtype = next(iter(state_dict.values())).dtype
-        tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
-        tmp.mkdir(parents=True)
-        try:
-            _write_safetensors(state_dict, tmp)
-            _clean_config(hf_config, dtype).save_pretrained(str(tmp))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            _replace_dir(tmp, out_dir)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        logger.info("saved HF checkpoint (%d tensors, %s) to %s", len(state_dict), dtype, out_dir)
+        write_hf_folder(state_dict, hf_config, tokenizer, out_dir)
     if dist.is_initialized():
         dist.barrier()
     return out_dir
+
+
+def write_hf_folder(state_dict: dict[str, torch.Tensor], hf_config: "PretrainedConfig", tokenizer,
+                    out_dir: Union[str, os.PathLike]) -> pathlib.Path:
+    """Write an HF folder atomically (see `save_hf_checkpoint`); one process, no collectives."""
+    out_dir = pathlib.Path(out_dir)
+    state_dict = dict(state_dict)
+    if getattr(hf_config, "tie_word_embeddings", False):
+        state_dict.pop("lm_head.weight", None)
+    dtype = next(iter(state_dict.values())).dtype
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+    tmp.mkdir(parents=True)
+    try:
+        _write_safetensors(state_dict, tmp)
+        _clean_config(hf_config, dtype).save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("saved HF checkpoint (%d tensors, %s) to %s", len(state_dict), dtype, out_dir)
+    return out_dir
+
+
+def convert_hf_checkpoint(src: Union[str, os.PathLike], out_dir: Union[str, os.PathLike]
+                          ) -> pathlib.Path:
+    """A GGUF file (or HF folder) as a plain safetensors HF folder with its tokenizer: loading
+    it is seconds instead of the GGUF de-quantisation's half minute."""
+    from q_tuning.train.assets import load_tokenizer
+
+    hf_config, state_dict = read_hf_checkpoint(src)
+    return write_hf_folder({k: state_dict[k] for k in state_dict.keys()}, hf_config,
+                           load_tokenizer(src), out_dir)
 
 
 def _replace_dir(new: pathlib.Path, target: pathlib.Path) -> None:

@@ -1,0 +1,284 @@
+"""The reproduction grid: SmolLM2-135M-Instruct SFT on GSM-Symbolic (10% corrupted answers) under
+Q-Tuning and its baselines, evaluated on a disjoint held-out set; writes the results table.
+
+    python scripts/gsm_grid.py --out grid/gsm            # the real grid (hours on 2 CPU cores)
+    python scripts/gsm_grid.py --out /tmp/g --tiny       # the same pipeline in seconds (tests)
+    python scripts/gsm_grid.py --out grid/gsm --table    # rewrite the table from finished runs
+
+Every (setting, seed) is one run: `q_tuning.train` on the fixed training set, then
+`q_tuning.train.evaluate` on the held-out set. A run's `result.json` is written last; a rerun of
+the script skips finished runs, and re-evaluates a trained run whose evaluation is missing, so an
+interrupted grid resumes where it stopped. Runs go in a child process each (a crash ends that
+run, not the grid) except in `--tiny` mode, which runs them in this process to stay fast.
+
+All settings see the same data stream (same samples per step, same steps); they differ only in
+what the step trains on. `zero_shot` is the untouched model: greedy decoding makes it identical
+for every seed, so it is evaluated once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+SETTINGS: dict[str, list[str] | None] = {
+    "zero_shot": None,
+    "full": [],
+    "random_25x70": ["--enable-q-tuning", "--q-tuning-strategy", "random",
+                     "--q-tuning-sample-keep-ratio", "0.25", "--q-tuning-token-keep-ratio", "0.7"],
+    "qtuning_25x70": ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.25",
+                      "--q-tuning-token-keep-ratio", "0.7"],
+    "qtuning_12.5x50": ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.125",
+                        "--q-tuning-token-keep-ratio", "0.5"],
+    "infobatch": ["--enable-q-tuning", "--q-tuning-strategy", "infobatch"],
+}
+
+# (train size, held-out size, global batch, seeds, max new tokens, eval batch)
+SIZES = {
+    "real": dict(train_size=128, eval_size=300, global_batch=16, seeds=(1, 2, 3),
+                 max_new_tokens=200, eval_batch=32, seq_length=512, micro_batch=4,
+                 scoring_micro_batch=8, lr=5e-5, min_lr=5e-6),
+    "tiny": dict(train_size=16, eval_size=4, global_batch=8, seeds=(1, 2), max_new_tokens=8,
+                 eval_batch=4, seq_length=512, micro_batch=4, scoring_micro_batch=8, lr=1e-3,
+                 min_lr=1e-4),
+}
+CORRUPT_FRACTION = 0.1
+DATA_SEED = 0
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="grid folder (created; reruns resume)")
+    parser.add_argument("--tiny", action="store_true",
+                        help="a tiny random model and a few samples: the pipeline in seconds")
+    parser.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=list(SETTINGS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=None)
+    parser.add_argument("--train-size", type=int, default=None)
+    parser.add_argument("--eval-size", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    parser.add_argument("--table", action="store_true", help="only rewrite the table")
+    args = parser.parse_args(argv)
+    size = dict(SIZES["tiny" if args.tiny else "real"])
+    for key in ("seeds", "train_size", "eval_size"):
+        if getattr(args, key) is not None:
+            size[key] = tuple(args.seeds) if key == "seeds" else getattr(args, key)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.table:
+        grid_start = time.time()
+        base = prepare(out, size, tiny=args.tiny)
+        for setting in args.settings:
+            for seed in (size["seeds"][:1] if SETTINGS[setting] is None else size["seeds"]):
+                run_one(out, base, setting, seed, size, in_process=args.tiny,
+                        threads=args.threads)
+        _log(f"grid: done in {time.time() - grid_start:.0f} s")
+    table = write_table(out, args.settings, size)
+    print(table)
+
+
+def prepare(out: pathlib.Path, size: dict, *, tiny: bool) -> pathlib.Path:
+    """The data (fixed for every run) and the base model as a safetensors HF folder."""
+    from q_tuning.train.gsm_symbolic import build_gsm_splits, write_jsonl_atomic
+
+    data = out / "data"
+    if not (data / "eval.jsonl").is_file():
+        train, held_out = build_gsm_splits(size["train_size"], size["eval_size"], seed=DATA_SEED,
+                                           corrupt_fraction=CORRUPT_FRACTION)
+        write_jsonl_atomic(data / "train.jsonl", train)
+        write_jsonl_atomic(data / "eval.jsonl", held_out)  # written last: marks data complete
+    base = out / "base_model"
+    if not (base / "config.json").is_file():
+        if tiny:
+            _write_tiny_model(base)
+        else:
+            from q_tuning.train.assets import smollm2_gguf_path
+            from q_tuning.train.model import convert_hf_checkpoint
+
+            convert_hf_checkpoint(smollm2_gguf_path(), base)
+    return base
+
+
+def _write_tiny_model(folder: pathlib.Path) -> None:
+    import torch
+    import transformers
+
+    from q_tuning.train.assets import load_tokenizer
+
+    tokenizer = load_tokenizer()
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    tmp = folder.with_name(folder.name + ".tmp")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, folder)
+
+
+def run_one(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int, size: dict, *,
+            in_process: bool, threads: int | None) -> dict:
+    run_dir = out / "runs" / setting / f"seed{seed}"
+    result_path = run_dir / "result.json"
+    if result_path.is_file():
+        _log(f"{setting} seed {seed}: done earlier, skipped")
+        return json.loads(result_path.read_text())
+    run_dir.mkdir(parents=True, exist_ok=True)
+    train_dir = run_dir / "train"
+    model_dir = base
+    train_seconds = 0.0
+    if SETTINGS[setting] is not None:
+        model_dir = train_dir / "hf"
+        metrics = train_dir / "metrics.jsonl"
+        if not ((model_dir / "config.json").is_file() and metrics.is_file()):
+            if train_dir.exists():  # an interrupted run: start it again
+                import shutil
+                shutil.rmtree(train_dir)
+            _log(f"{setting} seed {seed}: training")
+            start = time.time()
+            _call("q_tuning.train", train_argv(base, out, train_dir, setting, seed, size),
+                  in_process, threads, run_dir / "train.out")
+            train_seconds = time.time() - start
+            (run_dir / "train_seconds").write_text(f"{train_seconds:.1f}\n")
+        else:
+            train_seconds = float((run_dir / "train_seconds").read_text())
+    eval_json = run_dir / "eval.json"
+    _log(f"{setting} seed {seed}: evaluating {model_dir}")
+    start = time.time()
+    _call("q_tuning.train.evaluate",
+          ["--hf-checkpoint", str(model_dir), "--data-path", str(out / "data" / "eval.jsonl"),
+           "--batch-size", str(size["eval_batch"]), "--max-new-tokens",
+           str(size["max_new_tokens"]), "--output", str(eval_json),
+           "--predictions", str(run_dir / "predictions.jsonl")],
+          in_process, threads, run_dir / "eval.out")
+    result = {"setting": setting, "seed": seed, "eval": json.loads(eval_json.read_text()),
+              "eval_seconds": time.time() - start, "train_seconds": train_seconds,
+              "compute": compute_spent(train_dir / "metrics.jsonl")
+              if SETTINGS[setting] is not None else None}
+    _write_json(result_path, result)
+    _log(f"{setting} seed {seed}: accuracy {result['eval']['accuracy']:.3f}, "
+         f"nll {result['eval']['nll_per_token']:.4f}")
+    return result
+
+
+def train_argv(base: pathlib.Path, out: pathlib.Path, train_dir: pathlib.Path, setting: str,
+               seed: int, size: dict) -> list[str]:
+    steps = size["train_size"] // size["global_batch"]  # one epoch
+    return ["--hf-checkpoint", str(base), "--data-path", str(out / "data" / "train.jsonl"),
+            "--output-dir", str(train_dir), "--export-hf", str(train_dir / "hf"), "--no-save",
+            "--seq-length", str(size["seq_length"]),
+            "--micro-batch-size", str(size["micro_batch"]),
+            "--global-batch-size", str(size["global_batch"]), "--train-iters", str(steps),
+            "--lr", str(size["lr"]), "--min-lr", str(size["min_lr"]), "--lr-decay-style",
+            "cosine", "--weight-decay", "0.01", "--clip-grad", "1.0", "--seed", str(seed),
+            "--q-tuning-seed", str(seed), "--log-interval", "1",
+            "--q-tuning-scoring-micro-batch-size", str(size["scoring_micro_batch"]),
+            *SETTINGS[setting]]
+
+
+def _call(module: str, argv: list[str], in_process: bool, threads: int | None,
+          log: pathlib.Path) -> None:
+    if in_process:
+        import importlib
+        if module == "q_tuning.train":
+            from q_tuning.train.__main__ import main as entry
+        else:
+            entry = importlib.import_module(module).main
+        entry(argv)
+        return
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    with open(log, "w") as f:
+        proc = subprocess.run([sys.executable, "-m", module, *argv], stdout=f,
+                              stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        tail = log.read_text().splitlines()[-15:]
+        raise SystemExit(f"gsm_grid: `python -m {module}` failed (status {proc.returncode}); "
+                         f"log {log}:\n" + "\n".join(tail))
+
+
+def compute_spent(metrics_path: pathlib.Path) -> dict:
+    """Training compute of one run from the trainer's metrics.jsonl."""
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    reports = [r["q_tuning"] for r in rows if r.get("q_tuning")]
+    return {
+        "steps": len(rows),
+        "consumed_samples": rows[-1]["consumed_samples"] if rows else 0,
+        "trained_samples": sum(r["samples"] for r in rows),
+        "trained_tokens": sum(r["tokens"] for r in rows),  # forwarded and back-propagated
+        "loss_tokens": sum(r["loss_tokens"] for r in rows),
+        "scored_samples": sum(r.get("scored_samples", 0) for r in reports),
+        "scored_tokens": sum(r.get("scored_tokens", 0) for r in reports),  # no-grad forward
+        "step_seconds": sum(r["seconds_per_iteration"] for r in rows),
+        "scoring_seconds": sum(r.get("scoring_seconds", 0.0) for r in reports),
+    }
+
+
+def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
+    """Markdown table (mean ± sample standard deviation over seeds) from the finished runs."""
+    lines = [
+        f"GSM-Symbolic held-out set: {size['eval_size']} problems; training set: "
+        f"{size['train_size']} problems ({CORRUPT_FRACTION:.0%} with a corrupted final answer), "
+        f"one epoch of {size['train_size'] // size['global_batch']} steps x "
+        f"{size['global_batch']} samples. Mean ± standard deviation over seeds.",
+        "",
+        "| setting | seeds | accuracy (%) | held-out NLL / token | trained samples | "
+        "trained tokens | scored tokens | step time (s) | run wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    summary = {}
+    for setting in settings:
+        runs = sorted((out / "runs" / setting).glob("seed*/result.json"))
+        results = [json.loads(p.read_text()) for p in runs]
+        if not results:
+            lines.append(f"| {setting} | 0 | not run | | | | | | |")
+            continue
+        acc = [100.0 * r["eval"]["accuracy"] for r in results]
+        nll = [r["eval"]["nll_per_token"] for r in results]
+        comp = [r["compute"] for r in results if r["compute"]]
+        row = {"seeds": [r["seed"] for r in results], "accuracy": acc, "nll": nll,
+               "compute": comp, "train_seconds": [r["train_seconds"] for r in results]}
+        summary[setting] = row
+        if comp:
+            trained = _mean_sd([c["trained_samples"] for c in comp], 0)
+            tokens = _mean_sd([c["trained_tokens"] for c in comp], 0)
+            scored = _mean_sd([c["scored_tokens"] for c in comp], 0)
+            step = _mean_sd([c["step_seconds"] for c in comp], 0)
+            wall = _mean_sd(row["train_seconds"], 0)
+        else:
+            trained = tokens = scored = step = wall = "–"
+        lines.append(f"| {setting} | {len(results)} | {_mean_sd(acc, 1)} | {_mean_sd(nll, 4)} | "
+                     f"{trained} | {tokens} | {scored} | {step} | {wall} |")
+    table = "\n".join(lines) + "\n"
+    (out / "table.md").write_text(table)
+    _write_json(out / "summary.json", summary)
+    return table
+
+
+def _mean_sd(values: list[float], digits: int) -> str:
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _write_json(path: pathlib.Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    tmp.replace(path)
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
