@@ -6,8 +6,9 @@ Q-Tuning and its baselines, evaluated on a disjoint held-out set; writes the res
     python scripts/gsm_grid.py --out grid/gsm --table    # rewrite the table from finished runs
 
 Every (setting, seed) is one run: `q_tuning.train` on the fixed training set, then
-`q_tuning.train.evaluate` on the held-out set. A run's `result.json` is written last; a rerun of
-the script skips finished runs, and re-evaluates a trained run whose evaluation is missing, so an
+`q_tuning.train.evaluate` on the held-out set; all runs are trained first, then all evaluated. A
+run's `train_seconds` marks it trained and its `result.json` marks it evaluated, both written
+last; a rerun of the script skips what is finished (a half-trained run starts again), so an
 interrupted grid resumes where it stopped. Runs go in a child process each (a crash ends that
 run, not the grid) except in `--tiny` mode, which runs them in this process to stay fast.
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import pathlib
+import shutil
 import statistics
 import subprocess
 import sys
@@ -73,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table:
         grid_start = time.time()
         base = prepare(out, size, tiny=args.tiny)
-        for setting in args.settings:
-            for seed in (size["seeds"][:1] if SETTINGS[setting] is None else size["seeds"]):
-                run_one(out, base, setting, seed, size, in_process=args.tiny,
-                        threads=args.threads)
+        runs = [(setting, seed) for setting in args.settings
+                for seed in (size["seeds"][:1] if SETTINGS[setting] is None else size["seeds"])]
+        # all training first, then all evaluation: a finished phase is never redone
+        for step in (train_run, evaluate_run):
+            for setting, seed in runs:
+                step(out, base, setting, seed, size, in_process=args.tiny, threads=args.threads)
         _log(f"grid: done in {time.time() - grid_start:.0f} s")
     table = write_table(out, args.settings, size)
     print(table)
@@ -123,32 +127,39 @@ def _write_tiny_model(folder: pathlib.Path) -> None:
     os.replace(tmp, folder)
 
 
-def run_one(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int, size: dict, *,
-            in_process: bool, threads: int | None) -> dict:
-    run_dir = out / "runs" / setting / f"seed{seed}"
+def _run_dir(out: pathlib.Path, setting: str, seed: int) -> pathlib.Path:
+    return out / "runs" / setting / f"seed{seed}"
+
+
+def train_run(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int, size: dict, *,
+              in_process: bool, threads: int | None) -> None:
+    """Train one run unless it is trained already (its HF export and metrics exist)."""
+    run_dir = _run_dir(out, setting, seed)
+    train_dir = run_dir / "train"
+    if SETTINGS[setting] is None or (run_dir / "result.json").is_file() or (
+            (train_dir / "hf" / "config.json").is_file() and (run_dir / "train_seconds").is_file()):
+        return
+    if train_dir.exists():  # an interrupted run: start it again
+        shutil.rmtree(train_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _log(f"{setting} seed {seed}: training")
+    start = time.time()
+    _call("q_tuning.train", train_argv(base, out, train_dir, setting, seed, size), in_process,
+          threads, run_dir / "train.out")
+    (run_dir / "train_seconds").write_text(f"{time.time() - start:.1f}\n")  # marks it trained
+
+
+def evaluate_run(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int, size: dict, *,
+                 in_process: bool, threads: int | None) -> dict:
+    """Evaluate a trained run (or the base model) and write its result.json, unless done."""
+    run_dir = _run_dir(out, setting, seed)
     result_path = run_dir / "result.json"
     if result_path.is_file():
         _log(f"{setting} seed {seed}: done earlier, skipped")
         return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
-    train_dir = run_dir / "train"
-    model_dir = base
-    train_seconds = 0.0
-    if SETTINGS[setting] is not None:
-        model_dir = train_dir / "hf"
-        metrics = train_dir / "metrics.jsonl"
-        if not ((model_dir / "config.json").is_file() and metrics.is_file()):
-            if train_dir.exists():  # an interrupted run: start it again
-                import shutil
-                shutil.rmtree(train_dir)
-            _log(f"{setting} seed {seed}: training")
-            start = time.time()
-            _call("q_tuning.train", train_argv(base, out, train_dir, setting, seed, size),
-                  in_process, threads, run_dir / "train.out")
-            train_seconds = time.time() - start
-            (run_dir / "train_seconds").write_text(f"{train_seconds:.1f}\n")
-        else:
-            train_seconds = float((run_dir / "train_seconds").read_text())
+    trained = SETTINGS[setting] is not None
+    model_dir = run_dir / "train" / "hf" if trained else base
     eval_json = run_dir / "eval.json"
     _log(f"{setting} seed {seed}: evaluating {model_dir}")
     start = time.time()
@@ -159,9 +170,9 @@ def run_one(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int, size
            "--predictions", str(run_dir / "predictions.jsonl")],
           in_process, threads, run_dir / "eval.out")
     result = {"setting": setting, "seed": seed, "eval": json.loads(eval_json.read_text()),
-              "eval_seconds": time.time() - start, "train_seconds": train_seconds,
-              "compute": compute_spent(train_dir / "metrics.jsonl")
-              if SETTINGS[setting] is not None else None}
+              "eval_seconds": time.time() - start,
+              "train_seconds": float((run_dir / "train_seconds").read_text()) if trained else 0.0,
+              "compute": compute_spent(run_dir / "train" / "metrics.jsonl") if trained else None}
     _write_json(result_path, result)
     _log(f"{setting} seed {seed}: accuracy {result['eval']['accuracy']:.3f}, "
          f"nll {result['eval']['nll_per_token']:.4f}")

@@ -146,7 +146,8 @@ class QTuningStep:
             # Samples are rows plus the last label, so seq_length + 1 tokens (batches.py).
             self.pruner = QTuningPruner(QTuningConfig.from_args(args),
                                         micro_batch_size=args.micro_batch_size,
-                                        seq_length=args.seq_length + 1)
+                                        seq_length=args.seq_length + 1,
+                                        total_steps=getattr(args, "train_iters", None))
         return self.pruner
 
 
