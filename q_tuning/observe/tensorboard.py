@@ -67,6 +67,8 @@ def log_step(writer, report: dict, decision: Any = None, step: int | None = None
     every = _image_every(image_every)
     if decision is None or not every or not (step == 1 or step % every == 0):
         return
+    if not bool(torch.isfinite(decision.sample_ppl).any()):
+        return  # a strategy without the scoring forward (random): nothing to place
     selection = decision.selection
     figure = eu_plane_figure(decision.sample_ppl, decision.sample_entropy, selection.quadrant,
                              selection.keep, thresholds=selection.thresholds,
