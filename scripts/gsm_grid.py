@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table:
         grid_start = time.time()
         base = prepare(out, size, tiny=args.tiny)
-        runs = [(setting, seed) for setting in args.settings
-                for seed in (size["seeds"][:1] if SETTINGS[setting] is None else size["seeds"])]
+        # seed-major: each finished seed completes a row of every setting
+        runs = [(setting, seed) for seed in size["seeds"] for setting in args.settings
+                if SETTINGS[setting] is not None or seed == size["seeds"][0]]
         # all training first, then all evaluation: a finished phase is never redone
         for step in (train_run, evaluate_run):
             for setting, seed in runs:

@@ -1,0 +1,295 @@
+"""`q-tuning-eval` / `python -m q_tuning.train.evaluate`: held-out GSM-Symbolic exact match and
+reference-solution NLL of an HF checkpoint (the trainer's `--export-hf`, or a GGUF file).
+
+    q-tuning-eval --hf-checkpoint outputs/smollm2-gsm/hf --data-path outputs/smollm2-gsm/data/eval.jsonl \\
+        --output eval.json --predictions predictions.jsonl
+
+- accuracy: greedy decoding (transformers `generate`, KV cache, left-padded batches sorted by
+  prompt length) of the prompt rendered with the model's chat template exactly as the trainer
+  renders the user turn; the answer is the number after the last `####`; exact match of the
+  normalised number with the row's true `answer`. A sequence stops at end of turn or once its
+  first `####` line (with a number) is complete; at most `--max-new-tokens` (default 256).
+- NLL: teacher-forced, over exactly the tokens the trainer trains on
+  (`q_tuning.train.data.tokenize_conversation`); token-weighted corpus mean and mean per sample.
+
+Rows are `q_tuning.train.gsm_symbolic` rows (`prompt`, `response`, `answer`). Bad input ends with
+one `q-tuning-eval: error: ...` line naming the file and line, exit status 2; the output JSON is
+written whole (temporary file, then renamed) or not at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import decimal
+import json
+import os
+import pathlib
+import re
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+
+__all__ = ["answer_complete", "evaluate", "extract_answer", "greedy_generate", "main",
+           "normalize_number", "reference_nll"]
+
+_FINAL = re.compile(r"####\s*([^\n]*)")
+_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
+_COMPLETE = re.compile(r"####[^\n]*\d[^\n]*\n")
+
+
+class EvalError(ValueError):
+    """Bad input; the message names the flag, file or line."""
+
+
+def normalize_number(text: str) -> Optional[decimal.Decimal]:
+    """The first number in `text` ("$1,234.50" -> 1234.50), or None."""
+    match = _NUMBER.search(text.replace("$", ""))
+    if match is None:
+        return None
+    try:
+        return decimal.Decimal(match.group(0).replace(",", "").replace("+", ""))
+    except decimal.InvalidOperation:
+        return None
+
+
+def extract_answer(generated: str) -> Optional[decimal.Decimal]:
+    """The number after the last `####` of a generated solution, or None."""
+    finals = _FINAL.findall(generated)
+    return normalize_number(finals[-1]) if finals else None
+
+
+def answer_complete(text: str) -> bool:
+    """True once `text` holds a `####` line with a digit, ended by a newline: the answer line is
+    written (a number still being written, "#### 12", is not cut at "1"). Generation stops
+    there, so the answer read is that first answer line (small models often repeat it)."""
+    return _COMPLETE.search(text) is not None
+
+
+def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise EvalError(f"--data-path {path}: no such file")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+            missing = [k for k in ("prompt", "response", "answer")
+                       if not isinstance(row, dict) or k not in row]
+            if missing:
+                raise EvalError(f"{path} line {number}: missing field(s) {', '.join(missing)}")
+            rows.append(row)
+            if limit is not None and len(rows) >= limit:
+                break
+    if not rows:
+        raise EvalError(f"{path}: no rows")
+    return rows
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    from q_tuning.train.data import _render
+
+    text = _render(tokenizer, [{"role": "user", "content": prompt}], "<prompt>",
+                   generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _end_of_turn_ids(tokenizer) -> list[int]:
+    ids = {tokenizer.eos_token_id}
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
+        ids.add(im_end)
+    return sorted(i for i in ids if i is not None)
+
+
+@torch.inference_mode()
+def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_tokens: int,
+                    batch_size: int) -> list[list[int]]:
+    """New token ids per prompt (greedy, KV cache), in the given order; generation of a row stops
+    at end of turn or when its final-answer line is complete."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    eos = _end_of_turn_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    out: list[Optional[list[int]]] = [None] * len(prompts)
+
+    class FinalAnswer(StoppingCriteria):
+        def __init__(self, start: int):
+            self.start = start
+
+        def __call__(self, input_ids, scores, **kwargs):
+            tails = tokenizer.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - 24):])
+            return torch.tensor([answer_complete(t) for t in tails], device=input_ids.device)
+
+    for first in range(0, len(order), batch_size):
+        index = order[first:first + batch_size]
+        width = max(len(prompts[i]) for i in index)
+        ids = torch.full((len(index), width), pad, dtype=torch.long)
+        attention = torch.zeros((len(index), width), dtype=torch.long)
+        for row, i in enumerate(index):  # left padding
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]):] = 1
+        generated = model.generate(
+            input_ids=ids, attention_mask=attention, do_sample=False, use_cache=True,
+            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            stopping_criteria=StoppingCriteriaList([FinalAnswer(width)]),
+            temperature=None, top_p=None, top_k=None)
+        for row, i in enumerate(index):
+            new = generated[row, width:].tolist()
+            for cut, token in enumerate(new):
+                if token in eos:
+                    new = new[:cut + 1]
+                    break
+            text = ""
+            for cut in range(len(new)):  # tokens past the completed answer line are padding
+                text = tokenizer.decode(new[:cut + 1])
+                if answer_complete(text):
+                    new = new[:cut + 1]
+                    break
+            out[i] = new
+    return out  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int
+                  ) -> list[tuple[float, int]]:
+    """(NLL sum, token count) per row over the trainer's loss tokens of prompt + response."""
+    from q_tuning.train.data import tokenize_conversation
+
+    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": r["prompt"]},
+                                                 {"role": "assistant", "content": r["response"]}],
+                                     source=f"row {i}") for i, r in enumerate(rows)]
+    results = []
+    for first in range(0, len(samples), batch_size):
+        chunk = samples[first:first + batch_size]
+        width = max(t.numel() for t, _ in chunk)
+        ids = torch.zeros((len(chunk), width), dtype=torch.long)
+        attention = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, (tokens, _) in enumerate(chunk):  # right padding
+            ids[row, :tokens.numel()] = tokens
+            attention[row, :tokens.numel()] = 1
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()
+        for row, (tokens, mask) in enumerate(chunk):
+            n = tokens.numel()
+            nll = torch.nn.functional.cross_entropy(logits[row, :n - 1], tokens[1:],
+                                                    reduction="none")
+            target = mask[1:].bool()
+            results.append((float(nll[target].double().sum()), int(target.sum())))
+        del logits
+    return results
+
+
+def load_model(path: str):
+    """(model, tokenizer) from an HF folder or a GGUF file, float32, eval mode, local files."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    from q_tuning.train.assets import load_tokenizer
+    from q_tuning.train.model import _resolve
+
+    folder, gguf = _resolve(path)
+    old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
+    kwargs = {"torch_dtype" if old else "dtype": torch.float32, "local_files_only": True}
+    if gguf:
+        kwargs["gguf_file"] = gguf
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    tokenizer = load_tokenizer(path)
+    return model, tokenizer
+
+
+def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = None,
+             batch_size: int = 16, max_new_tokens: int = 256,
+             predictions: Optional[str] = None) -> dict[str, Any]:
+    rows = read_rows(data_path, num_samples)
+    model, tokenizer = load_model(checkpoint)
+    start = time.perf_counter()
+    prompts = [_prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    generated = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+    seconds_generate = time.perf_counter() - start
+    start = time.perf_counter()
+    nll = reference_nll(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
+    seconds_nll = time.perf_counter() - start
+    records, correct = [], 0
+    for row, new, (nll_sum, count) in zip(rows, generated, nll):
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        predicted = extract_answer(text)
+        truth = normalize_number(str(row["answer"]))
+        ok = predicted is not None and truth is not None and predicted == truth
+        correct += ok
+        records.append({"id": row.get("id"), "answer": str(row["answer"]),
+                        "predicted": None if predicted is None else str(predicted),
+                        "correct": ok, "nll": nll_sum / max(count, 1), "loss_tokens": count,
+                        "generated": text})
+    total_tokens = sum(c for _, c in nll)
+    result = {
+        "checkpoint": str(checkpoint), "data_path": str(data_path), "num_samples": len(rows),
+        "accuracy": correct / len(rows), "correct": correct,
+        "nll_per_token": sum(s for s, _ in nll) / max(total_tokens, 1),
+        "nll_per_sample_mean": sum(s / max(c, 1) for s, c in nll) / len(rows),
+        "loss_tokens": total_tokens, "generated_tokens": sum(len(g) for g in generated),
+        "seconds_generate": seconds_generate, "seconds_nll": seconds_nll,
+        "max_new_tokens": max_new_tokens, "batch_size": batch_size,
+    }
+    if predictions:
+        _write_atomic(predictions, "".join(json.dumps(r) + "\n" for r in records))
+    return result
+
+
+def _write_atomic(path: str, text: str) -> None:
+    p = pathlib.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(p)
+
+
+def _positive(text: str) -> int:
+    from q_tuning.config import positive_int
+
+    return positive_int(text)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    parser = argparse.ArgumentParser(prog="q-tuning-eval", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-checkpoint", default=None,
+                        help="HF folder or .gguf file (default: the installed SmolLM2-135M-Instruct "
+                             "GGUF, i.e. zero-shot)")
+    parser.add_argument("--data-path", required=True, help="gsm_symbolic JSONL (eval.jsonl)")
+    parser.add_argument("--num-samples", type=_positive, default=None, help="first N rows")
+    parser.add_argument("--batch-size", type=_positive, default=16)
+    parser.add_argument("--max-new-tokens", type=_positive, default=256)
+    parser.add_argument("--output", default=None, help="result JSON (written atomically)")
+    parser.add_argument("--predictions", default=None, help="per-sample JSONL")
+    parser.add_argument("--threads", type=_positive, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    checkpoint = args.hf_checkpoint
+    try:
+        if checkpoint is None:
+            from q_tuning.train.assets import smollm2_gguf_path
+            checkpoint = str(smollm2_gguf_path())
+        result = evaluate(checkpoint, args.data_path, num_samples=args.num_samples,
+                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                          predictions=args.predictions)
+    except (EvalError, FileNotFoundError) as e:
+        print(f"q-tuning-eval: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    if args.output:
+        _write_atomic(args.output, json.dumps(result, indent=1))
+    print(f"q-tuning-eval: {result['correct']}/{result['num_samples']} exact match "
+          f"({100 * result['accuracy']:.1f}%), held-out NLL {result['nll_per_token']:.4f}/token; "
+          f"generation {result['seconds_generate']:.0f} s, NLL {result['seconds_nll']:.0f} s",
+          flush=True)
+
+
+if __name__ == "__main__":
+    main()
