@@ -9,7 +9,10 @@ attention ever cross a sample boundary.
 Model inputs follow megatron-core's GPTModel: `input_ids`, `position_ids` (restarting at 0 in every
 sample) and `attention_mask` (bool, True = masked out). Padded rows pass `attention_mask=None`
 (the causal mask of the attention implementation applies; padding sits after the sample so it
-cannot influence it); packed rows pass a block-diagonal causal mask `[b, 1, s, s]`.
+cannot influence it); packed rows pass a block-diagonal causal mask `[b, 1, s, s]`, or, when the
+model's core attention takes megatron's `PackedSeqParams` (transformer-engine's, on GPU), the THD
+format: `attention_mask=None` and `packed_seq_params` with the row's `cu_seqlens` (`model_inputs`
+decides, for the scoring and the training forward alike).
 """
 
 from __future__ import annotations
@@ -140,8 +143,54 @@ def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[tor
                 mb["target_index"][r, start:end - 1] = torch.arange(1, n)
                 start = end
         mb["attention_mask"] = block_causal_mask(segment) if layout.packed else None
+        if layout.packed:  # one row per micro-batch (plan_rows): its segments for the THD format
+            mb["cu_seqlens"] = row_cu_seqlens([lengths[i] for i in rows[0]] if rows else [], s)
         out.append(mb)
     return out
+
+
+def row_cu_seqlens(segment_lengths: Sequence[int], row_length: int) -> torch.Tensor:
+    """int32 `[0, n1, n1+n2, ..., row_length]`: segment boundaries of a packed row; the padding
+    after the last sample is one more segment (it attends only to itself, as in the mask path)."""
+    bounds = [0]
+    for n in segment_lengths:
+        bounds.append(bounds[-1] + n)
+    if bounds[-1] < row_length:
+        bounds.append(row_length)
+    return torch.tensor(bounds, dtype=torch.int32)
+
+
+def takes_packed_seq_params(model: torch.nn.Module) -> bool:
+    """True when the model's core attention runs packed rows in the THD format: transformer-
+    engine's `TEDotProductAttention`, or any core attention declaring
+    `accepts_packed_seq_params = True`. megatron-core's local `DotProductAttention` does not."""
+    return any(getattr(m, "accepts_packed_seq_params", False)
+               or type(m).__name__ == "TEDotProductAttention" for m in model.modules())
+
+
+def model_inputs(mb: dict, thd: bool) -> tuple[tuple, dict]:
+    """`(args, kwargs)` of the GPTModel call for a micro-batch: tokens, position ids and the
+    block-diagonal mask; or, for a packed row with `thd`, no mask and `packed_seq_params`."""
+    if not (thd and mb.get("cu_seqlens") is not None):
+        return (mb["tokens"], mb["position_ids"], mb["attention_mask"]), {}
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    cu = mb["cu_seqlens"].to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             max_seqlen_q=longest, max_seqlen_kv=longest)
+    return (mb["tokens"], mb["position_ids"], None), {"packed_seq_params": params}
+
+
+def check_thd_context_parallel(thd: bool, cp_size: int, max_tokens_per_row: int | None) -> None:
+    """Packed rows in THD format under context parallelism need per-segment zigzag splitting
+    (transformer-engine's `thd_get_partitioned_indices`), which is not implemented: refuse it on
+    every rank alike (the condition depends on configuration only, never on the data)."""
+    if thd and cp_size > 1 and max_tokens_per_row is not None:
+        raise ValueError("packed rows (--use-dynamic-batch-size / --max-tokens-per-gpu) with "
+                         "--context-parallel-size > 1 are not supported with transformer-engine "
+                         "attention (THD format); use fixed-length rows (no dynamic batch size) "
+                         "or --context-parallel-size 1")
 
 
 def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -160,7 +209,8 @@ def slice_for_context_parallel(mb: dict, cp_group) -> dict:
 
     if cp_group is None or cp_group.size() == 1:
         return mb
-    return get_batch_on_this_cp_rank(dict(mb), cp_group=cp_group)
+    mb = {k: v for k, v in mb.items() if k != "cu_seqlens"}  # THD + CP is refused earlier
+    return get_batch_on_this_cp_rank(mb, cp_group=cp_group)
 
 
 def micro_batch_count_multiple(model_chunks: Sequence[torch.nn.Module], pp_size: int) -> int:

@@ -43,8 +43,9 @@ import torch
 from q_tuning.config import SCORING_METHODS
 from q_tuning.fused_stats import fused_nll_entropy, fused_workspace_bytes
 from q_tuning.parallel import comm
-from q_tuning.parallel.microbatch import (build_micro_batches, plan_rows, round_up,
-                                          slice_for_context_parallel)
+from q_tuning.parallel.microbatch import (build_micro_batches, check_thd_context_parallel,
+                                          model_inputs, plan_rows, round_up,
+                                          slice_for_context_parallel, takes_packed_seq_params)
 from q_tuning.token_stats import token_nll_entropy, token_stats_workspace_bytes
 
 logger = logging.getLogger(__name__)
@@ -229,16 +230,16 @@ def _scoring_forward_step(run: _ScoringRun, data_iterator: Iterator[dict],
     mb = next(data_iterator)
     device = next(model.parameters()).device
     mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
-    inputs = (mb["tokens"], mb["position_ids"], mb["attention_mask"])
+    inputs, kwargs = model_inputs(mb, takes_packed_seq_params(model))
     inner = _unwrap(model)
     if run.method != "fused" or not getattr(inner, "post_process", True):
-        return model(*inputs), partial(_token_statistics, run, mb, None)
+        return model(*inputs, **kwargs), partial(_token_statistics, run, mb, None)
     reason = _fused_unsupported(inner)
     if reason is not None:
         _fall_back(reason, run.groups)
-        return model(*inputs), partial(_token_statistics, run, mb, None)
+        return model(*inputs, **kwargs), partial(_token_statistics, run, mb, None)
     with _HiddenStatesTap(inner.output_layer) as tap:
-        output = model(*inputs)  # [b, s, h] hidden states if the tap ran, else the model's logits
+        output = model(*inputs, **kwargs)  # [b, s, h] hidden states if the tap ran, else logits
     if tap.head is None:
         _fall_back(f"{type(inner).__name__}.forward did not call its output_layer", run.groups)
     return output, partial(_token_statistics, run, mb, tap.head)
@@ -338,6 +339,8 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
             len(tokens), training_micro_batch_size, config,
             getattr(_unwrap(model_chunks[0]), "vocab_size", 0), tp_size=groups.tp_size,
             pp_size=groups.pp_size, count_multiple=count_multiple, method=method)
+    check_thd_context_parallel(takes_packed_seq_params(model_chunks[0]), groups.cp_size,
+                               max_tokens_per_row)
     layout = plan_rows([t.numel() for t in tokens], rows_per_micro_batch=rows_per_micro_batch,
                        max_tokens_per_row=max_tokens_per_row, length_multiple=multiple)
     count = layout.num_micro_batches

@@ -18,8 +18,10 @@ from typing import Iterator, Sequence
 import torch
 
 from q_tuning.parallel import comm
-from q_tuning.parallel.microbatch import (RowLayout, build_micro_batches, plan_rows, round_up,
-                                          slice_for_context_parallel)
+from q_tuning.parallel.microbatch import (RowLayout, build_micro_batches,
+                                          check_thd_context_parallel, model_inputs, plan_rows,
+                                          round_up, slice_for_context_parallel,
+                                          takes_packed_seq_params)
 from q_tuning.parallel.scoring import ParallelGroups
 
 
@@ -35,6 +37,8 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
     multiple = 2 * groups.cp_size if groups.cp_size > 1 else 1
     if getattr(config, "sequence_parallel", False):
         multiple *= groups.tp_size
+    check_thd_context_parallel(takes_packed_seq_params(model_chunks[0]), groups.cp_size,
+                               max_tokens_per_row)
     lengths = [t.numel() for t in batch["tokens"]]
     uniform = groups.pp_size > 1  # p2p buffers fix the shape only with pipeline parallelism
     local = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
@@ -59,7 +63,8 @@ def per_token_loss_forward_step(data_iterator: Iterator[dict], model: torch.nn.M
     mb = next(data_iterator)
     device = next(model.parameters()).device
     mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
-    losses = model(mb["tokens"], mb["position_ids"], mb["attention_mask"], labels=mb["labels"])
+    args, kwargs = model_inputs(mb, takes_packed_seq_params(model))
+    losses = model(*args, labels=mb["labels"], **kwargs)
     return losses, partial(_sum_token_loss, mb["loss_mask"])
 
 

@@ -121,23 +121,26 @@ def tiny_gpt_config(*, layers: int = 2, hidden: int = 64, heads: int = 4,
     return TransformerConfig(**kwargs)
 
 
-def tiny_gpt_layer_spec(cp_attention: bool = False, **local_spec_kwargs):
+def tiny_gpt_layer_spec(cp_attention: bool = False, thd_attention: bool = False,
+                        **local_spec_kwargs):
     """megatron's local (pure PyTorch) GPT layer spec; with `cp_attention`, its core attention
-    is `ContextParallelDotProductAttention`."""
+    is `ContextParallelDotProductAttention`; with `thd_attention`, `PackedSeqDotProductAttention`
+    (packed rows in THD format, as transformer-engine's attention takes them)."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
     spec = get_gpt_layer_local_spec(**local_spec_kwargs)
-    if cp_attention:
+    if cp_attention or thd_attention:
         spec = copy.deepcopy(spec)
         spec.submodules.self_attention.submodules.core_attention = \
-            ContextParallelDotProductAttention
+            PackedSeqDotProductAttention if thd_attention else ContextParallelDotProductAttention
     return spec
 
 
 def build_tiny_gpt(vocab: int = 128, layers: int = 2, hidden: int = 64, heads: int = 4,
                    kv_heads: Optional[int] = None, seq_len: int = 32, tied: bool = True,
                    seed: int = 1234, position_embedding: str = "rope",
-                   cp_attention: Optional[bool] = None, config=None, **config_kwargs) -> list:
+                   cp_attention: Optional[bool] = None, thd_attention: bool = False, config=None,
+                   **config_kwargs) -> list:
     """The model chunks of this rank (one `GPTModel` per virtual stage, as Megatron builds them),
     holding the shards of the full model determined by the sizes and `seed` (see module doc).
 
@@ -152,7 +155,7 @@ def build_tiny_gpt(vocab: int = 128, layers: int = 2, hidden: int = 64, heads: i
                                  **config_kwargs)
     if cp_attention is None:
         cp_attention = config.context_parallel_size > 1
-    spec = tiny_gpt_layer_spec(cp_attention=cp_attention)
+    spec = tiny_gpt_layer_spec(cp_attention=cp_attention, thd_attention=thd_attention)
     vpp = ps.get_virtual_pipeline_model_parallel_world_size()
     chunks = []
     for vp_stage in range(vpp or 1):
@@ -448,6 +451,30 @@ class ContextParallelDotProductAttention(torch.nn.Module):
         if attention_mask.shape[-2] != s_q:  # full [.., S, S]: keep this rank's query rows
             attention_mask = attention_mask.index_select(-2, q_pos)
         return attention_mask.index_select(-1, k_pos)
+
+
+class PackedSeqDotProductAttention(ContextParallelDotProductAttention):
+    """Test-only core attention taking packed rows in megatron's THD format (CP = 1), standing in
+    for transformer-engine's on CPU: query `[t, np, hn]`, key/value `[t, ng, hn]` and
+    `packed_seq_params.cu_seqlens_q`; causal attention within each segment; output
+    `[t, np*hn]`. Without packed_seq_params it is the parent (the mask path)."""
+
+    accepts_packed_seq_params = True  # what q_tuning.parallel.microbatch looks for
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        if packed_seq_params is None:
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias)
+        assert packed_seq_params.qkv_format == "thd" and attention_mask is None
+        cu = packed_seq_params.cu_seqlens_q.long()
+        t = query.shape[0]
+        assert int(cu[-1]) == t, (cu, t)
+        segment = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu[1:] - cu[:-1])
+        masked = ~((segment[:, None] == segment[None, :])
+                   & torch.ones(t, t, dtype=torch.bool).tril_())
+        out = super().forward(query[:, None], key[:, None], value[:, None], masked[None, None])
+        return out[:, 0]  # [t, np*hn]
 
 
 # --- running -------------------------------------------------------------------------------------
