@@ -32,10 +32,10 @@ import time
 SETTINGS: dict[str, list[str] | None] = {
     "zero_shot": None,
     "full": [],
-    "random_25x70": ["--enable-q-tuning", "--q-tuning-strategy", "random",
-                     "--q-tuning-sample-keep-ratio", "0.25", "--q-tuning-token-keep-ratio", "0.7"],
     "qtuning_25x70": ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.25",
                       "--q-tuning-token-keep-ratio", "0.7"],
+    "random_25x70": ["--enable-q-tuning", "--q-tuning-strategy", "random",
+                     "--q-tuning-sample-keep-ratio", "0.25", "--q-tuning-token-keep-ratio", "0.7"],
     "qtuning_12.5x50": ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.125",
                         "--q-tuning-token-keep-ratio", "0.5"],
     "infobatch": ["--enable-q-tuning", "--q-tuning-strategy", "infobatch"],
@@ -75,9 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     if not args.table:
         grid_start = time.time()
         base = prepare(out, size, tiny=args.tiny)
-        # seed-major: each finished seed completes a row of every setting
-        runs = [(setting, seed) for seed in size["seeds"] for setting in args.settings
-                if SETTINGS[setting] is not None or seed == size["seeds"][0]]
+        # seed-major, trained settings first: each finished seed completes a row of every
+        # comparison; zero-shot (seed-independent) after the first seed's runs
+        trained = [s for s in args.settings if SETTINGS[s] is not None]
+        runs = [(setting, seed) for seed in size["seeds"] for setting in trained]
+        if "zero_shot" in args.settings:
+            runs.insert(len(trained), ("zero_shot", size["seeds"][0]))
         # all training first, then all evaluation: a finished phase is never redone
         for step in (train_run, evaluate_run):
             for setting, seed in runs:
@@ -235,44 +238,55 @@ def compute_spent(metrics_path: pathlib.Path) -> dict:
 
 
 def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
-    """Markdown table (mean ± sample standard deviation over seeds) from the finished runs."""
+    """Markdown table from the finished runs: accuracy and NLL as mean ± standard deviation over
+    seeds; compute as the mean over seeds (samples and tokens trained, i.e. forwarded and
+    back-propagated, and tokens scored by the no-grad forward), also relative to full data;
+    times as the median over seeds [min, max]."""
     lines = [
         f"GSM-Symbolic held-out set: {size['eval_size']} problems; training set: "
         f"{size['train_size']} problems ({CORRUPT_FRACTION:.0%} with a corrupted final answer), "
         f"one epoch of {size['train_size'] // size['global_batch']} steps x "
-        f"{size['global_batch']} samples. Mean ± standard deviation over seeds.",
+        f"{size['global_batch']} samples.",
         "",
-        "| setting | seeds | accuracy (%) | held-out NLL / token | trained samples | "
-        "trained tokens | scored tokens | step time (s) | run wall time (s) |",
+        "| setting | runs | exact match (%) | held-out NLL / token | trained samples | "
+        "trained tokens (x full) | scored tokens | step time s, median [min, max] | "
+        "training process s, median [min, max] |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     summary = {}
     for setting in settings:
-        runs = sorted((out / "runs" / setting).glob("seed*/result.json"))
-        results = [json.loads(p.read_text()) for p in runs]
+        results = [json.loads(p.read_text())
+                   for p in sorted((out / "runs" / setting).glob("seed*/result.json"))]
+        summary[setting] = results
         if not results:
-            lines.append(f"| {setting} | 0 | not run | | | | | | |")
+            lines.append(f"| {setting} | 0 | not evaluated yet | | | | | | |")
             continue
         acc = [100.0 * r["eval"]["accuracy"] for r in results]
         nll = [r["eval"]["nll_per_token"] for r in results]
+        cells = [f"{len(results)} (seed {', '.join(str(r['seed']) for r in results)})",
+                 _mean_sd(acc, 1), _mean_sd(nll, 4)]
         comp = [r["compute"] for r in results if r["compute"]]
-        row = {"seeds": [r["seed"] for r in results], "accuracy": acc, "nll": nll,
-               "compute": comp, "train_seconds": [r["train_seconds"] for r in results]}
-        summary[setting] = row
         if comp:
-            trained = _mean_sd([c["trained_samples"] for c in comp], 0)
-            tokens = _mean_sd([c["trained_tokens"] for c in comp], 0)
-            scored = _mean_sd([c["scored_tokens"] for c in comp], 0)
-            step = _mean_sd([c["step_seconds"] for c in comp], 0)
-            wall = _mean_sd(row["train_seconds"], 0)
+            full = [r["compute"] for r in summary.get("full", []) if r["compute"]]
+            tokens = statistics.fmean(c["trained_tokens"] for c in comp)
+            rel = (f" ({tokens / statistics.fmean(c['trained_tokens'] for c in full):.3f})"
+                   if full else "")
+            cells += [f"{statistics.fmean(c['trained_samples'] for c in comp):.1f}",
+                      f"{tokens:.0f}{rel}",
+                      f"{statistics.fmean(c['scored_tokens'] for c in comp):.0f}",
+                      _median_range([c["step_seconds"] for c in comp]),
+                      _median_range([r["train_seconds"] for r in results])]
         else:
-            trained = tokens = scored = step = wall = "–"
-        lines.append(f"| {setting} | {len(results)} | {_mean_sd(acc, 1)} | {_mean_sd(nll, 4)} | "
-                     f"{trained} | {tokens} | {scored} | {step} | {wall} |")
+            cells += ["–"] * 5
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
     _write_json(out / "summary.json", summary)
     return table
+
+
+def _median_range(values: list[float]) -> str:
+    return f"{statistics.median(values):.0f} [{min(values):.0f}, {max(values):.0f}]"
 
 
 def _mean_sd(values: list[float], digits: int) -> str:

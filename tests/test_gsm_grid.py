@@ -41,9 +41,9 @@ def test_every_setting_ran_and_the_table_says_so(grid):
     for setting in ("zero_shot", "full", "random_25x70", "qtuning_25x70", "qtuning_12.5x50",
                     "infobatch"):
         row = next(line for line in table.splitlines() if line.startswith(f"| {setting} |"))
-        assert "not run" not in row
-        seeds = 1 if setting == "zero_shot" else 2
-        assert row.split("|")[2].strip() == str(seeds)
+        assert "not evaluated" not in row
+        runs = "1 (seed 1)" if setting == "zero_shot" else "2 (seed 1, 2)"
+        assert row.split("|")[2].strip() == runs
     assert not (out / "runs" / "full" / "seed1" / "train" / "checkpoints").exists()
 
 
