@@ -238,9 +238,9 @@ def compute_spent(metrics_path: pathlib.Path) -> dict:
 
 
 def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
-    """Markdown table from the finished runs: accuracy and NLL as mean ± standard deviation over
-    seeds; compute as the mean over seeds (samples and tokens trained, i.e. forwarded and
-    back-propagated, and tokens scored by the no-grad forward), also relative to full data;
+    """Markdown table: accuracy and NLL over the evaluated runs (mean ± standard deviation over
+    seeds); compute over the trained runs: mean samples and tokens trained (forwarded and
+    back-propagated; tokens relative to full data) and tokens scored by the no-grad forward;
     times as the median over seeds [min, max]."""
     lines = [
         f"GSM-Symbolic held-out set: {size['eval_size']} problems; training set: "
@@ -248,36 +248,40 @@ def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
         f"one epoch of {size['train_size'] // size['global_batch']} steps x "
         f"{size['global_batch']} samples.",
         "",
-        "| setting | runs | exact match (%) | held-out NLL / token | trained samples | "
-        "trained tokens (x full) | scored tokens | step time s, median [min, max] | "
-        "training process s, median [min, max] |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| setting | evaluated runs | exact match (%) | held-out NLL / token | trained runs | "
+        "trained samples | trained tokens (x full) | scored tokens | "
+        "step time s, median [min, max] | training process s, median [min, max] |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    summary = {}
+    summary: dict[str, dict] = {}
     for setting in settings:
         results = [json.loads(p.read_text())
                    for p in sorted((out / "runs" / setting).glob("seed*/result.json"))]
-        summary[setting] = results
-        if not results:
-            lines.append(f"| {setting} | 0 | not evaluated yet | | | | | | |")
-            continue
-        acc = [100.0 * r["eval"]["accuracy"] for r in results]
-        nll = [r["eval"]["nll_per_token"] for r in results]
-        cells = [f"{len(results)} (seed {', '.join(str(r['seed']) for r in results)})",
-                 _mean_sd(acc, 1), _mean_sd(nll, 4)]
-        comp = [r["compute"] for r in results if r["compute"]]
-        if comp:
-            full = [r["compute"] for r in summary.get("full", []) if r["compute"]]
-            tokens = statistics.fmean(c["trained_tokens"] for c in comp)
+        trained = [] if SETTINGS[setting] is None else [
+            {"seed": int(p.parent.name[4:]), "train_seconds": float(p.read_text()),
+             **compute_spent(p.parent / "train" / "metrics.jsonl")}
+            for p in sorted((out / "runs" / setting).glob("seed*/train_seconds"))]
+        summary[setting] = {"evaluated": results, "trained": trained}
+        if results:
+            acc = [100.0 * r["eval"]["accuracy"] for r in results]
+            nll = [r["eval"]["nll_per_token"] for r in results]
+            cells = [f"{len(results)} (seed {', '.join(str(r['seed']) for r in results)})",
+                     _mean_sd(acc, 1), _mean_sd(nll, 4)]
+        else:
+            cells = ["0", "not evaluated yet", ""]
+        if trained:
+            full = summary.get("full", {}).get("trained", [])
+            tokens = statistics.fmean(c["trained_tokens"] for c in trained)
             rel = (f" ({tokens / statistics.fmean(c['trained_tokens'] for c in full):.3f})"
                    if full else "")
-            cells += [f"{statistics.fmean(c['trained_samples'] for c in comp):.1f}",
+            cells += [str(len(trained)),
+                      f"{statistics.fmean(c['trained_samples'] for c in trained):.1f}",
                       f"{tokens:.0f}{rel}",
-                      f"{statistics.fmean(c['scored_tokens'] for c in comp):.0f}",
-                      _median_range([c["step_seconds"] for c in comp]),
-                      _median_range([r["train_seconds"] for r in results])]
+                      f"{statistics.fmean(c['scored_tokens'] for c in trained):.0f}",
+                      _median_range([c["step_seconds"] for c in trained]),
+                      _median_range([c["train_seconds"] for c in trained])]
         else:
-            cells += ["–"] * 5
+            cells += ["–"] * 6
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     (out / "table.md").write_text(table)
