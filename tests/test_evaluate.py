@@ -1,5 +1,7 @@
-"""q-tuning-eval: answer parsing, KV-cache batched greedy decoding against a slow no-cache
-reference, reference-solution NLL against a naive computation, the CLI and its errors."""
+"""q-tuning-eval: answer parsing, the stop criterion, KV-cache batched greedy decoding against a
+slow no-cache reference, the generation prompt against the trainer's tokenization, reference-
+solution NLL against a naive computation, the CLI and its errors. A tiny random Llama with the
+SmolLM2 tokenizer, one torch thread (tiny matmuls only lose to thread hand-offs on a busy box)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,18 @@ from q_tuning.train import evaluate as E  # noqa: E402
 ROWS = [{"prompt": f"What is {i} + {2 * i}?", "response": f"{i} + {2 * i} = {3 * i}.\n#### {3 * i}",
          "answer": str(3 * i), "id": i} for i in range(1, 6)]
 ROWS[2]["prompt"] = "A much longer question, so that the batch needs left padding: " * 3
+
+KEYS = {"checkpoint", "data_path", "num_samples", "accuracy", "correct", "nll_per_token",
+        "nll_per_sample_mean", "loss_tokens", "generated_tokens", "seconds_generate",
+        "seconds_nll", "max_new_tokens", "batch_size"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -43,25 +57,53 @@ def tiny(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     data = folder / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return folder, data
+    model, tokenizer = E.load_model(str(folder))
+    return folder, data, model, tokenizer
 
 
 @pytest.mark.parametrize("text,expected", [
     ("so 12 apples\n#### 12", "12"), ("#### $1,234.50\n", "1234.50"), ("####-7", "-7"),
-    ("#### 3\nthen\n#### 4", "4"), ("#### 5.0", "5"), ("no final line 12", None),
-    ("#### none", None), ("#### 80 + 8 = 98 pieces", "80"),
+    ("#### 3\nthen\n#### 4", "4"), ("#### 5.0", "5"), ("#### 12.", "12"), ("####  $7.", "7"),
+    ("#### 1,000,000 dollars", "1000000"), ("no final line 12", None), ("#### none", None),
+    ("#### 80 + 8 = 98 pieces", "80"), ("", None),
 ])
 def test_extract_answer(text, expected):
     got = E.extract_answer(text)
     assert got == (None if expected is None else decimal.Decimal(expected))
 
 
+@pytest.mark.parametrize("truth", ["12", "12.0", "12.00", "$12", "1,2"])
+def test_numbers_compare_by_value(truth):
+    assert E.extract_answer("#### 12.0\n") == E.normalize_number(truth)
+
+
 def test_answer_line_completion_waits_for_the_newline():
     assert not E.answer_complete("so #### 1")
     assert not E.answer_complete("#### 12")  # the number may still grow
+    assert not E.answer_complete("####")
     assert E.answer_complete("#### 12\n")
     assert not E.answer_complete("####\n")  # no number yet
+    assert not E.answer_complete("#### \n")
     assert E.answer_complete("x\n#### 1,000 apples\nmore")
+
+
+def test_stop_flags_on_token_ids(tiny):
+    """The StoppingCriteria's per-row decision on real token ids: only the generated part (after
+    `start`) counts, and a row stops only once its answer line has ended."""
+    _, _, _, tokenizer = tiny
+    prompt = tokenizer("#### 99\n", add_special_tokens=False)["input_ids"]  # not generated
+    texts = ["so 4 + 8 = 12\n#### 1", "so 4 + 8 = 12\n#### 12", "so 4 + 8 = 12\n#### 12\n",
+             "so 4 + 8 = 12\n####"]
+    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    width = max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    # Rows of different lengths: right-padded, as generate pads a finished row.
+    ids = torch.tensor([prompt + r + [pad] * (width - len(r)) for r in rows])
+    flags = E.stop_flags(tokenizer, ids, len(prompt)).tolist()
+    assert flags == [False, False, True, False]
+    # A long generation: only the tail window is decoded, and it still sees the answer line.
+    long = tokenizer("word " * 100 + "\n#### 7\n", add_special_tokens=False)["input_ids"]
+    assert E.stop_flags(tokenizer, torch.tensor([prompt + long]), len(prompt)).tolist() == [True]
 
 
 def slow_greedy(model, prompt: list[int], max_new: int, eos: list[int]) -> list[int]:
@@ -79,10 +121,9 @@ def slow_greedy(model, prompt: list[int], max_new: int, eos: list[int]) -> list[
 
 
 def test_batched_cached_greedy_equals_the_slow_reference(tiny):
-    folder, _ = tiny
-    model, tokenizer = E.load_model(str(folder))
+    _, _, model, tokenizer = tiny
     prompts = [E._prompt_ids(tokenizer, r["prompt"]) for r in ROWS]
-    assert len({len(p) for p in prompts}) > 1
+    assert len({len(p) for p in prompts}) > 2
     got = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3)
     eos = E._end_of_turn_ids(tokenizer)
     with torch.inference_mode():
@@ -93,11 +134,26 @@ def test_batched_cached_greedy_equals_the_slow_reference(tiny):
                                               or E.answer_complete(tokenizer.decode(new)))
 
 
+def test_generation_prompt_is_the_trainers_context(tiny):
+    """The prompt fed to generate is exactly the trainer's tokens before the first loss token:
+    the chat-templated user turn (with the template's default system turn) + assistant header."""
+    from q_tuning.train.data import tokenize_conversation
+
+    _, _, _, tokenizer = tiny
+    for row in ROWS:
+        tokens, mask = tokenize_conversation(tokenizer, [
+            {"role": "user", "content": row["prompt"]},
+            {"role": "assistant", "content": row["response"]}])
+        first = int(mask.nonzero()[0])
+        assert E._prompt_ids(tokenizer, row["prompt"]) == tokens[:first].tolist()
+        assert tokenizer.decode(tokens[:first]).endswith("<|im_start|>assistant\n")
+        assert tokenizer.decode(tokens[mask.bool()]) == row["response"] + "<|im_end|>"
+
+
 def test_nll_equals_a_naive_reference(tiny):
     from q_tuning.train.data import tokenize_conversation
 
-    folder, _ = tiny
-    model, tokenizer = E.load_model(str(folder))
+    _, _, model, tokenizer = tiny
     got = E.reference_nll(model, tokenizer, ROWS, batch_size=2)
     with torch.inference_mode():
         for row, (nll_sum, count) in zip(ROWS, got):
@@ -110,31 +166,63 @@ def test_nll_equals_a_naive_reference(tiny):
             assert nll_sum == pytest.approx(sum(ref), rel=1e-4)
 
 
-def test_cli_writes_the_result(tiny, tmp_path):
-    folder, data = tiny
+def test_cli_writes_the_result(tiny, tmp_path, capsys):
+    folder, data, _, _ = tiny
     out, preds = tmp_path / "r.json", tmp_path / "p.jsonl"
     E.main(["--hf-checkpoint", str(folder), "--data-path", str(data), "--num-samples", "4",
             "--batch-size", "2", "--max-new-tokens", "6", "--output", str(out),
-            "--predictions", str(preds)])
+            "--predictions", str(preds), "--threads", "1"])
     result = json.loads(out.read_text())
+    assert set(result) == KEYS
     assert result["num_samples"] == 4 and result["correct"] == round(4 * result["accuracy"])
     assert result["nll_per_token"] > 0 and result["loss_tokens"] > 0
-    lines = [json.loads(l) for l in preds.read_text().splitlines()]
-    assert [r["id"] for r in lines] == [1, 2, 3, 4]
+    assert 0 < result["generated_tokens"] <= 4 * 6
+    assert result["batch_size"] == 2 and result["max_new_tokens"] == 6
+    lines = [json.loads(line) for line in preds.read_text().splitlines()]
+    assert [r["id"] for r in lines] == [1, 2, 3, 4]  # file order, not the length-sorted order
+    assert sum(r["loss_tokens"] for r in lines) == result["loss_tokens"]
+    assert sum(r["correct"] for r in lines) == result["correct"]
+    assert result["nll_per_sample_mean"] == pytest.approx(sum(r["nll"] for r in lines) / 4)
+    assert "q-tuning-eval:" in capsys.readouterr().out
+    assert not list(tmp_path.glob(".*tmp*"))  # atomic writes leave no temporary file
 
 
 @pytest.mark.parametrize("content,message", [
-    (None, "no such file"),
-    ('{"prompt": "a", "response": "b", "answer": "1"}\n{oops\n', "line 2: not valid JSON"),
+    ('{"prompt": "a", "response": "b", "answer": "1"}\n\n{oops\n', "line 3: not valid JSON"),
     ('{"prompt": "a", "answer": "1"}\n', "line 1: missing field(s) response"),
+    ('{"prompt": "a", "response": "b", "answer": "1"}\n{"response": "b"}\n',
+     "line 2: missing field(s) prompt, answer"),
+    ('[1, 2]\n', "line 1: expected a JSON object"),
+    ('{"prompt": 3, "response": "b", "answer": "1"}\n', "line 1: 'prompt' must be a string"),
+    ("\n\n", "no rows"),
 ])
-def test_bad_input_names_file_and_line(tmp_path, content, message):
+def test_bad_data_names_file_and_line(tmp_path, capsys, content, message):
     path = tmp_path / "e.jsonl"
-    if content is not None:
-        path.write_text(content)
+    path.write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(["--data-path", str(path), "--output", str(tmp_path / "r.json")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("q-tuning-eval: error:") and str(path) in err and message in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_bad_checkpoint_names_the_flag(tmp_path, capsys, tiny):
+    _, data, _, _ = tiny
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(["--hf-checkpoint", str(tmp_path / "nope"), "--data-path", str(data)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--hf-checkpoint" in err and str(tmp_path / "nope") in err
+
+
+def test_module_entry_point_reports_a_missing_file(tmp_path):
+    """`python -m q_tuning.train.evaluate`: one error line naming the flag and file, status 2,
+    no output file, no traceback."""
+    path = tmp_path / "missing.jsonl"
     proc = subprocess.run([sys.executable, "-m", "q_tuning.train.evaluate", "--data-path",
                            str(path), "--output", str(tmp_path / "r.json")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert message in proc.stderr and proc.stderr.startswith("q-tuning-eval: error:")
-    assert not (tmp_path / "r.json").exists()
+    assert proc.stderr.startswith("q-tuning-eval: error: --data-path") and str(path) in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()

@@ -32,7 +32,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 __all__ = ["answer_complete", "evaluate", "extract_answer", "greedy_generate", "main",
-           "normalize_number", "reference_nll"]
+           "normalize_number", "read_rows", "reference_nll", "stop_flags"]
 
 _FINAL = re.compile(r"####\s*([^\n]*)")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
@@ -67,7 +67,20 @@ def answer_complete(text: str) -> bool:
     return _COMPLETE.search(text) is not None
 
 
+def stop_flags(tokenizer, input_ids: torch.Tensor, start: int, window: int = 32
+               ) -> torch.Tensor:
+    """Per row of `input_ids` (prompt of width `start`, then generated tokens): has the
+    generated text a complete answer line (`answer_complete`) within its last `window` tokens?
+    The StoppingCriteria of `greedy_generate`; checking the tail each step is enough, since a
+    line completes at the step its newline is generated."""
+    tails = tokenizer.batch_decode(input_ids[:, max(start, input_ids.shape[1] - window):])
+    return torch.tensor([answer_complete(t) for t in tails], dtype=torch.bool,
+                        device=input_ids.device)
+
+
 def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
+    """The first `limit` (default all) rows of a JSONL file, each with `_source` = "file:line"
+    added; blank lines are skipped. EvalError names the file and line of a bad row."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise EvalError(f"--data-path {path}: no such file")
@@ -80,11 +93,19 @@ def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise EvalError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            missing = [k for k in ("prompt", "response", "answer")
-                       if not isinstance(row, dict) or k not in row]
+            if not isinstance(row, dict):
+                raise EvalError(f"{path} line {number}: expected a JSON object, "
+                                f"got {type(row).__name__}")
+            missing = [k for k in ("prompt", "response", "answer") if k not in row]
             if missing:
                 raise EvalError(f"{path} line {number}: missing field(s) {', '.join(missing)}")
-            rows.append(row)
+            for key in ("prompt", "response"):
+                if not isinstance(row[key], str):
+                    raise EvalError(f"{path} line {number}: '{key}' must be a string, "
+                                    f"got {type(row[key]).__name__}")
+            if isinstance(row["answer"], bool) or not isinstance(row["answer"], (str, int, float)):
+                raise EvalError(f"{path} line {number}: 'answer' must be a string or a number")
+            rows.append({**row, "_source": f"{path}:{number}"})
             if limit is not None and len(rows) >= limit:
                 break
     if not rows:
@@ -125,8 +146,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
             self.start = start
 
         def __call__(self, input_ids, scores, **kwargs):
-            tails = tokenizer.batch_decode(input_ids[:, max(self.start, input_ids.shape[1] - 24):])
-            return torch.tensor([answer_complete(t) for t in tails], device=input_ids.device)
+            return stop_flags(tokenizer, input_ids, self.start)
 
     for first in range(0, len(order), batch_size):
         index = order[first:first + batch_size]
@@ -165,7 +185,8 @@ def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int
 
     samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": r["prompt"]},
                                                  {"role": "assistant", "content": r["response"]}],
-                                     source=f"row {i}") for i, r in enumerate(rows)]
+                                     source=r.get("_source", f"row {i}"))
+               for i, r in enumerate(rows)]
     results = []
     for first in range(0, len(samples), batch_size):
         chunk = samples[first:first + batch_size]
@@ -194,13 +215,16 @@ def load_model(path: str):
     from q_tuning.train.assets import load_tokenizer
     from q_tuning.train.model import _resolve
 
-    folder, gguf = _resolve(path)
+    try:  # the tokenizer first: a folder without one fails before the (slow) weights load
+        folder, gguf = _resolve(path)
+        tokenizer = load_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise EvalError(f"--hf-checkpoint: {e}") from None
     old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
     kwargs = {"torch_dtype" if old else "dtype": torch.float32, "local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
-    tokenizer = load_tokenizer(path)
     return model, tokenizer
 
 
@@ -270,6 +294,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--predictions", default=None, help="per-sample JSONL")
     parser.add_argument("--threads", type=_positive, default=None)
     args = parser.parse_args(argv)
+    from q_tuning.train.data import DataError
+
     if args.threads:
         torch.set_num_threads(args.threads)
     checkpoint = args.hf_checkpoint
@@ -280,7 +306,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         result = evaluate(checkpoint, args.data_path, num_samples=args.num_samples,
                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                           predictions=args.predictions)
-    except (EvalError, FileNotFoundError) as e:
+    except (EvalError, DataError, FileNotFoundError) as e:
         print(f"q-tuning-eval: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if args.output:
