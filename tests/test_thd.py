@@ -27,16 +27,19 @@ def test_model_inputs_choose_the_path():
     tokens = [torch.arange(1, 4), torch.arange(1, 6), torch.arange(1, 3)]
     masks = [torch.ones_like(t) for t in tokens]
     layout = plan_rows([3, 5, 2], max_tokens_per_row=8)
-    (mb, *_) = build_micro_batches(tokens, masks, layout)
-    assert layout.rows[0] == [0, 1] and mb["cu_seqlens"].tolist() == [0, 3, 8]
-    args, kwargs = model_inputs(mb, thd=False)
+    assert layout.rows[0] == [0, 1]
+    (mb, *_) = build_micro_batches(tokens, masks, layout)  # the mask path
+    assert "cu_seqlens" not in mb and mb["attention_mask"] is not None
+    args, kwargs = model_inputs(mb)
     assert args[2] is mb["attention_mask"] and not kwargs
-    args, kwargs = model_inputs(mb, thd=True)
+    (mb, *_) = build_micro_batches(tokens, masks, layout, thd=True)
+    assert mb["cu_seqlens"].tolist() == [0, 3, 8] and mb["attention_mask"] is None
+    args, kwargs = model_inputs(mb)
     params = kwargs["packed_seq_params"]
     assert args[2] is None and params.qkv_format == "thd"
     assert params.cu_seqlens_q.tolist() == [0, 3, 8] and params.max_seqlen_q == 5
-    unpacked = build_micro_batches(tokens, masks, plan_rows([3, 5, 2]))[0]
-    assert "cu_seqlens" not in unpacked and model_inputs(unpacked, thd=True)[1] == {}
+    unpacked = build_micro_batches(tokens, masks, plan_rows([3, 5, 2]), thd=True)[0]
+    assert "cu_seqlens" not in unpacked and model_inputs(unpacked)[1] == {}
 
 
 @pytest.mark.parametrize("tp", [1, 2])

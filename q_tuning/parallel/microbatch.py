@@ -11,8 +11,9 @@ sample) and `attention_mask` (bool, True = masked out). Padded rows pass `attent
 (the causal mask of the attention implementation applies; padding sits after the sample so it
 cannot influence it); packed rows pass a block-diagonal causal mask `[b, 1, s, s]`, or, when the
 model's core attention takes megatron's `PackedSeqParams` (transformer-engine's, on GPU), the THD
-format: `attention_mask=None` and `packed_seq_params` with the row's `cu_seqlens` (`model_inputs`
-decides, for the scoring and the training forward alike).
+format: `attention_mask=None` and `packed_seq_params` with the row's `cu_seqlens`. The scoring and
+the training pass decide once per pass (`takes_packed_seq_params`) and build their micro-batches
+for that path (`build_micro_batches(thd=...)`); `model_inputs` turns a micro-batch into the call.
 """
 
 from __future__ import annotations
@@ -102,14 +103,15 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
 
 
 def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor],
-                        layout: RowLayout, *, num_micro_batches: int | None = None
-                        ) -> list[dict[str, torch.Tensor | None]]:
+                        layout: RowLayout, *, num_micro_batches: int | None = None,
+                        thd: bool = False) -> list[dict[str, torch.Tensor | None]]:
     """Full-sequence micro-batches (before any context-parallel split).
 
     Each is a dict of `[b, s]` tensors: `tokens`, `labels` (next token of the same sample, else
     0), `loss_mask` (float, 1 where `labels` is a training target), `position_ids`,
     `sample_index` / `target_index` (which sample and which of its tokens position p predicts;
-    -1 where none) and `attention_mask` (None or `[b, 1, s, s]` bool). Micro-batches beyond the
+    -1 where none) and `attention_mask` (None or `[b, 1, s, s]` bool). Packed rows with `thd`
+    get `cu_seqlens` (their segment boundaries) instead of the mask. Micro-batches beyond the
     samples (`num_micro_batches` larger than needed, to keep counts equal across ranks) are
     all-padding with an all-zero loss mask.
     """
@@ -142,9 +144,11 @@ def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[tor
                 mb["sample_index"][r, start:end - 1] = i
                 mb["target_index"][r, start:end - 1] = torch.arange(1, n)
                 start = end
-        mb["attention_mask"] = block_causal_mask(segment) if layout.packed else None
-        if layout.packed:  # one row per micro-batch (plan_rows): its segments for the THD format
+        mb["attention_mask"] = None
+        if layout.packed and thd:  # one row per micro-batch (plan_rows): its segments
             mb["cu_seqlens"] = row_cu_seqlens([lengths[i] for i in rows[0]] if rows else [], s)
+        elif layout.packed:
+            mb["attention_mask"] = block_causal_mask(segment)
         out.append(mb)
     return out
 
@@ -168,10 +172,10 @@ def takes_packed_seq_params(model: torch.nn.Module) -> bool:
                or type(m).__name__ == "TEDotProductAttention" for m in model.modules())
 
 
-def model_inputs(mb: dict, thd: bool) -> tuple[tuple, dict]:
+def model_inputs(mb: dict) -> tuple[tuple, dict]:
     """`(args, kwargs)` of the GPTModel call for a micro-batch: tokens, position ids and the
-    block-diagonal mask; or, for a packed row with `thd`, no mask and `packed_seq_params`."""
-    if not (thd and mb.get("cu_seqlens") is not None):
+    attention mask; or, for a packed row built for THD, no mask and `packed_seq_params`."""
+    if mb.get("cu_seqlens") is None:
         return (mb["tokens"], mb["position_ids"], mb["attention_mask"]), {}
     from megatron.core.packed_seq_params import PackedSeqParams
 

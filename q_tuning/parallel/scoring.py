@@ -230,7 +230,7 @@ def _scoring_forward_step(run: _ScoringRun, data_iterator: Iterator[dict],
     mb = next(data_iterator)
     device = next(model.parameters()).device
     mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
-    inputs, kwargs = model_inputs(mb, takes_packed_seq_params(model))
+    inputs, kwargs = model_inputs(mb)
     inner = _unwrap(model)
     if run.method != "fused" or not getattr(inner, "post_process", True):
         return model(*inputs, **kwargs), partial(_token_statistics, run, mb, None)
@@ -339,8 +339,8 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
             len(tokens), training_micro_batch_size, config,
             getattr(_unwrap(model_chunks[0]), "vocab_size", 0), tp_size=groups.tp_size,
             pp_size=groups.pp_size, count_multiple=count_multiple, method=method)
-    check_thd_context_parallel(takes_packed_seq_params(model_chunks[0]), groups.cp_size,
-                               max_tokens_per_row)
+    thd = takes_packed_seq_params(model_chunks[0])
+    check_thd_context_parallel(thd, groups.cp_size, max_tokens_per_row)
     layout = plan_rows([t.numel() for t in tokens], rows_per_micro_batch=rows_per_micro_batch,
                        max_tokens_per_row=max_tokens_per_row, length_multiple=multiple)
     count = layout.num_micro_batches
@@ -348,7 +348,7 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
         count = round_up(count, count_multiple)
     micro_batches = [slice_for_context_parallel(mb, groups.cp)
                      for mb in build_micro_batches(tokens, loss_masks, layout,
-                                                   num_micro_batches=count)]
+                                                   num_micro_batches=count, thd=thd)]
     length = max((t.numel() for t in tokens), default=0)
     scores = torch.zeros(2, len(tokens), length, dtype=torch.float32)  # (nll|entropy, n, L)
     run = _ScoringRun(groups=groups, method=method)

@@ -37,8 +37,8 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
     multiple = 2 * groups.cp_size if groups.cp_size > 1 else 1
     if getattr(config, "sequence_parallel", False):
         multiple *= groups.tp_size
-    check_thd_context_parallel(takes_packed_seq_params(model_chunks[0]), groups.cp_size,
-                               max_tokens_per_row)
+    thd = takes_packed_seq_params(model_chunks[0])
+    check_thd_context_parallel(thd, groups.cp_size, max_tokens_per_row)
     lengths = [t.numel() for t in batch["tokens"]]
     uniform = groups.pp_size > 1  # p2p buffers fix the shape only with pipeline parallelism
     local = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
@@ -54,7 +54,7 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
                        length_multiple=multiple, uniform_length=uniform)
     micro_batches = [slice_for_context_parallel(mb, groups.cp)
                      for mb in build_micro_batches(batch["tokens"], batch["loss_masks"], layout,
-                                                   num_micro_batches=count)]
+                                                   num_micro_batches=count, thd=thd)]
     return micro_batches, layout
 
 
@@ -63,7 +63,7 @@ def per_token_loss_forward_step(data_iterator: Iterator[dict], model: torch.nn.M
     mb = next(data_iterator)
     device = next(model.parameters()).device
     mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
-    args, kwargs = model_inputs(mb, takes_packed_seq_params(model))
+    args, kwargs = model_inputs(mb)
     losses = model(*args, labels=mb["labels"], **kwargs)
     return losses, partial(_sum_token_loss, mb["loss_mask"])
 
