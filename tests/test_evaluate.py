@@ -87,23 +87,20 @@ def test_answer_line_completion_waits_for_the_newline():
     assert E.answer_complete("x\n#### 1,000 apples\nmore")
 
 
-def test_stop_flags_on_token_ids(tiny):
-    """The StoppingCriteria's per-row decision on real token ids: only the generated part (after
-    `start`) counts, and a row stops only once its answer line has ended."""
+def test_a_row_finishes_at_end_of_turn_answer_line_or_limit(tiny):
+    """The per-row stop decision on real token ids: only the generated tokens count, and a row
+    stops once its answer line has ended, at an end-of-turn token, or at the token limit."""
     _, _, _, tokenizer = tiny
-    prompt = tokenizer("#### 99\n", add_special_tokens=False)["input_ids"]  # not generated
-    texts = ["so 4 + 8 = 12\n#### 1", "so 4 + 8 = 12\n#### 12", "so 4 + 8 = 12\n#### 12\n",
-             "so 4 + 8 = 12\n####"]
-    rows = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    width = max(map(len, rows))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    # Rows of different lengths: right-padded, as generate pads a finished row.
-    ids = torch.tensor([prompt + r + [pad] * (width - len(r)) for r in rows])
-    flags = E.stop_flags(tokenizer, ids, len(prompt)).tolist()
-    assert flags == [False, False, True, False]
-    # A long generation: only the tail window is decoded, and it still sees the answer line.
-    long = tokenizer("word " * 100 + "\n#### 7\n", add_special_tokens=False)["input_ids"]
-    assert E.stop_flags(tokenizer, torch.tensor([prompt + long]), len(prompt)).tolist() == [True]
+    eos = E._end_of_turn_ids(tokenizer)
+    texts = {"so 4 + 8 = 12\n#### 1": False, "so 4 + 8 = 12\n#### 12": False,
+             "so 4 + 8 = 12\n#### 12\n": True, "so 4 + 8 = 12\n####": False,
+             "word " * 100 + "\n#### 7\n": True}
+    for text, done in texts.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert E.finished(tokenizer, ids, eos, 1000) is done, text
+        assert E.finished(tokenizer, ids, eos, len(ids)), text
+    assert E.finished(tokenizer, tokenizer("so 4", add_special_tokens=False)["input_ids"]
+                      + eos[:1], eos, 1000)
 
 
 def slow_greedy(model, prompt: list[int], max_new: int, eos: list[int]) -> list[int]:
@@ -129,9 +126,26 @@ def test_batched_cached_greedy_equals_the_slow_reference(tiny):
     with torch.inference_mode():
         for prompt, new in zip(prompts, got):
             ref = slow_greedy(model, prompt, 12, eos)
-            # generation may stop early at a completed answer line: a prefix of the reference
-            assert new == ref[:len(new)] and (len(new) == len(ref)
-                                              or E.answer_complete(tokenizer.decode(new)))
+            # generation may stop early, at the first completed answer line: a prefix
+            assert new == ref[:len(new)]
+            assert len(new) == len(ref) or (E.answer_complete(tokenizer.decode(new)) and
+                                            not E.answer_complete(tokenizer.decode(new[:-1])))
+
+
+def test_rows_leaving_the_batch_early_do_not_change_the_others(tiny, monkeypatch):
+    """Make one row end early (its third greedy token declared end of turn): the rows that
+    finish early leave the batch and the KV cache, and every row still equals its reference."""
+    _, _, model, tokenizer = tiny
+    prompts = [E._prompt_ids(tokenizer, r["prompt"]) for r in ROWS]
+    with torch.inference_mode():
+        free = [slow_greedy(model, p, 12, []) for p in prompts]
+    stop = free[0][2]
+    monkeypatch.setattr(E, "_end_of_turn_ids", lambda tokenizer: [stop])
+    got = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=5)
+    lengths = [len(g) for g in got]
+    assert min(lengths) < 12 == max(lengths)  # some rows left early, some ran to the limit
+    with torch.inference_mode():
+        assert got == [slow_greedy(model, p, 12, [stop]) for p in prompts]
 
 
 def test_generation_prompt_is_the_trainers_context(tiny):
