@@ -172,30 +172,40 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
 @torch.inference_mode()
 def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int
                   ) -> list[tuple[float, int]]:
-    """(NLL sum, token count) per row over the trainer's loss tokens of prompt + response."""
+    """(NLL sum, token count) per row over the trainer's loss tokens of prompt + response.
+    Rows go through in length order (little padding) and the output layer runs on the loss
+    positions only: no [tokens, vocab] logits for the prompts."""
     from q_tuning.train.data import tokenize_conversation
 
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, key, None):
+            raise EvalError(f"--hf-checkpoint: a model with {key} (logits are not the output "
+                            "layer of the last hidden state) is not supported")
     samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": r["prompt"]},
                                                  {"role": "assistant", "content": r["response"]}],
                                      source=r.get("_source", f"row {i}"))
                for i, r in enumerate(rows)]
-    results = []
-    for first in range(0, len(samples), batch_size):
-        chunk = samples[first:first + batch_size]
-        width = max(t.numel() for t, _ in chunk)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    order = sorted(range(len(samples)), key=lambda i: samples[i][0].numel())
+    results: list[tuple[float, int]] = [(0.0, 0)] * len(samples)
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        width = max(samples[i][0].numel() for i in chunk)
         ids = torch.zeros((len(chunk), width), dtype=torch.long)
         attention = torch.zeros((len(chunk), width), dtype=torch.long)
-        for row, (tokens, _) in enumerate(chunk):  # right padding
-            ids[row, :tokens.numel()] = tokens
-            attention[row, :tokens.numel()] = 1
-        logits = model(input_ids=ids, attention_mask=attention).logits.float()
-        for row, (tokens, mask) in enumerate(chunk):
+        labels = torch.zeros((len(chunk), width), dtype=torch.long)
+        scored = torch.zeros((len(chunk), width), dtype=torch.bool)  # position t predicts t + 1
+        for row, i in enumerate(chunk):  # right padding
+            tokens, mask = samples[i]
             n = tokens.numel()
-            nll = torch.nn.functional.cross_entropy(logits[row, :n - 1], tokens[1:],
-                                                    reduction="none")
-            target = mask[1:].bool()
-            results.append((float(nll[target].double().sum()), int(target.sum())))
-        del logits
+            ids[row, :n], attention[row, :n] = tokens, 1
+            labels[row, :n - 1], scored[row, :n - 1] = tokens[1:], mask[1:].bool()
+        hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
+        nll = torch.nn.functional.cross_entropy(head(hidden[scored]).float(), labels[scored],
+                                                reduction="none").double()
+        counts = scored.sum(1).tolist()
+        for i, part, count in zip(chunk, nll.split(counts), counts):
+            results[i] = (float(part.sum()), count)
     return results
 
 
