@@ -116,8 +116,8 @@ def _compare(args) -> None:
     print(f"token_nll_entropy vs naive: {args.tokens} tokens x {args.vocab} vocab, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, chunk_size={args.chunk_size}, "
           f"median of {args.repeats} after 1 warm-up; load average {_load()}")
-    print(f"| dtype | implementation | time s, median (min-max) | peak extra MiB |")
-    print(f"|---|---|---|---|")
+    print("| dtype | implementation | time s, median (min-max) | peak extra MiB |")
+    print("|---|---|---|---|")
     verdicts = []
     for dtype in args.dtypes.split(","):
         logits, targets = _make_inputs(args.tokens, args.vocab, DTYPES[dtype])

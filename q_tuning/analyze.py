@@ -48,6 +48,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from q_tuning._files import write_text_atomic
 from q_tuning.config import QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.selection import (QUADRANT_NAMES, keep_count, sample_ppl_entropy_from_tokens,
                                 select_samples)
@@ -379,14 +380,6 @@ def write_figure(path: pathlib.Path, rows: list[dict], batches: list[dict], conf
     save_png(figure, path)
 
 
-def _write_atomic(path: pathlib.Path, lines) -> None:
-    """Write the strings `lines` to a temporary file, then rename it to `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(lines)
-    os.replace(tmp, path)
-
-
 # --- the HTML report ------------------------------------------------------------------------------
 
 def pick_examples(rows: list[dict], per_quadrant: int, seed: int) -> dict[int, list[int]]:
@@ -621,10 +614,10 @@ def run(args: argparse.Namespace) -> dict:
 def _write_outputs(out: pathlib.Path, tokenizer, samples, rows, batches, summary, picks, tokens,
                    config) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / OUTPUTS["samples"], (json.dumps(r) + "\n" for r in rows))
+    write_text_atomic(out / OUTPUTS["samples"], (json.dumps(r) + "\n" for r in rows))
     write_figure(out / OUTPUTS["figure"], rows, batches, config)
     summary["outputs"] = {k: str(out / v) for k, v in OUTPUTS.items()}
-    _write_atomic(out / OUTPUTS["summary"], [json.dumps(summary, indent=2) + "\n"])
+    write_text_atomic(out / OUTPUTS["summary"], [json.dumps(summary, indent=2) + "\n"])
     write_html(out / OUTPUTS["html"], tokenizer, samples, rows, summary, picks, tokens)
     counts = ", ".join(f"{k} {v}" for k, v in summary["quadrant_counts"].items())
     print(f"q-tuning-analyze: {summary['num_samples']} samples ({counts}, "

@@ -57,11 +57,9 @@ class QTuningConfig:
                 self.strategy in STRATEGY_NAMES or "." in self.strategy.strip(".")):
             raise ValueError(f"--q-tuning-strategy must be one of {STRATEGY_NAMES} or a function "
                              f"as module.path.function, got {self.strategy!r}")
-        if self.infobatch_prune_ratio >= 1.0:
+        if not 0.0 <= self.infobatch_prune_ratio < 1.0:  # NaN too; 1 would prune and rescale by 1/0
             raise ValueError("--q-tuning-infobatch-prune-ratio must be in [0, 1), got "
                              f"{self.infobatch_prune_ratio!r}")
-        _check_ratio(self.infobatch_prune_ratio, "--q-tuning-infobatch-prune-ratio",
-                     lower_open=False)
         _check_ratio(self.infobatch_anneal, "--q-tuning-infobatch-anneal", lower_open=False)
         if self.scoring_micro_batch_size is not None and self.scoring_micro_batch_size < 1:
             raise ValueError("--q-tuning-scoring-micro-batch-size must be an integer >= 1, "

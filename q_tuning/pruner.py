@@ -108,9 +108,10 @@ class QTuningPruner:
         dp_rank = torch.distributed.get_rank(groups.dp) if counts[1:] else 0
         offset = sum(counts[:dp_rank])
 
-        ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2])
-        if not scored:
-            ppl, ent = torch.full_like(ppl, float("nan")), torch.full_like(ent, float("nan"))
+        if scored:
+            ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2])
+        else:  # nothing to place: the unscored rule sees NaN statistics
+            ppl, ent = (torch.full_like(global_sums[:, 0], float("nan")) for _ in range(2))
         placed = int((global_sums[:, 2] > 0).sum())
         ratio = self.config.sample_keep_ratio if keep_count is None \
             else min(1.0, keep_count / max(placed, 1))

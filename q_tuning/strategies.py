@@ -117,24 +117,22 @@ def random_samples(inputs: StrategyInputs) -> StrategyDecision:
 
 def _by_value(values: Tensor, inputs: StrategyInputs, *, highest: bool) -> StrategyDecision:
     """The k placed samples with the highest (lowest) value; equal values keep the lower index."""
-    placed = (torch.isfinite(inputs.ppl) & torch.isfinite(inputs.entropy)).nonzero().flatten()
-    if placed.numel() == 0:
-        raise ValueError(f"Q-Tuning step {inputs.step}: no sample of the batch can be placed")
+    selection = _eu_selection(inputs)  # raises, naming the step, when no sample can be placed
+    placed = selection.placed.nonzero().flatten()
     k = keep_count(inputs.keep_ratio, placed.numel())
     v = values[placed]
     order = torch.sort(-v if highest else v, stable=True).indices
     keep = torch.zeros(values.shape, dtype=torch.bool).index_fill_(0, placed[order[:k]], True)
     decision = StrategyDecision.keep_only(keep)
-    decision.selection = _eu_selection(inputs)
+    decision.selection = selection
     return decision
 
 
 def infobatch(inputs: StrategyInputs) -> StrategyDecision:
     r = float(inputs.options.get("infobatch_prune_ratio", 0.5))
     anneal = float(inputs.options.get("infobatch_anneal", 0.125))
-    placed = torch.isfinite(inputs.ppl) & torch.isfinite(inputs.entropy)
-    if not bool(placed.any()):
-        raise ValueError(f"Q-Tuning step {inputs.step}: no sample of the batch can be placed")
+    selection = _eu_selection(inputs)  # raises, naming the step, when no sample can be placed
+    placed = selection.placed
     draw = torch.rand(inputs.ppl.shape, generator=inputs.generator, dtype=torch.float64)
     weight = torch.ones_like(inputs.ppl)
     keep = placed.clone()
@@ -147,7 +145,7 @@ def infobatch(inputs: StrategyInputs) -> StrategyDecision:
         weight = torch.where(well_learned & keep, 1.0 / (1.0 - r), 1.0).to(torch.float64)
     decision = StrategyDecision.keep_only(keep)
     decision.loss_weight = weight
-    decision.selection = _eu_selection(inputs)
+    decision.selection = selection
     return decision
 
 

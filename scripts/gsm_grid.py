@@ -301,9 +301,9 @@ def _mean_sd(values: list[float], digits: int) -> str:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    tmp.replace(path)
+    from q_tuning._files import write_text_atomic
+
+    write_text_atomic(path, json.dumps(obj, indent=1, default=float))
 
 
 def _log(message: str) -> None:

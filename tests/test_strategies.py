@@ -204,7 +204,8 @@ def test_config_validates_the_strategy_flags():
     for bad in ("nonsense", ".", ""):
         with pytest.raises(ValueError, match="--q-tuning-strategy"):
             QTuningConfig(strategy=bad)
-    with pytest.raises(ValueError, match="--q-tuning-infobatch-prune-ratio"):
-        QTuningConfig(infobatch_prune_ratio=1.0)
+    for bad in (1.0, -0.5, float("nan")):
+        with pytest.raises(ValueError, match=r"--q-tuning-infobatch-prune-ratio must be in \[0, 1\)"):
+            QTuningConfig(infobatch_prune_ratio=bad)
     with pytest.raises(ValueError, match="--q-tuning-infobatch-anneal"):
         QTuningConfig(infobatch_anneal=1.5)

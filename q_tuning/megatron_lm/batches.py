@@ -140,7 +140,7 @@ def samples_to_rows(samples: dict[str, list], rows: list[list[int]], fmt: RowFor
                     count: int) -> list[dict]:
     """`count` micro-batches in the format of the drained ones: the planned rows, then filler rows
     (all-zero loss mask) up to `count * micro_batch_size` rows."""
-    b, s = fmt.micro_batch_size, fmt.seq_length
+    b = fmt.micro_batch_size
     if num_micro_batches(len(rows), b) > count:
         raise ValueError(f"{len(rows)} rows need more than {count} micro-batches of {b}")
     built = [_pack_row(samples, row, fmt) for row in rows]

@@ -147,12 +147,11 @@ def _draw_thresholds(ax, thresholds, level: float | None):
 
 def save_png(figure, path: str | os.PathLike) -> pathlib.Path:
     """Write `figure` as PNG, atomically (a temporary file renamed), creating the folder."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    from q_tuning._files import atomic_path
+
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png")
+    return pathlib.Path(path)
 
 
 def figure_to_rgb(figure) -> np.ndarray:

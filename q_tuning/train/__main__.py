@@ -112,12 +112,11 @@ def _write_metrics(args: argparse.Namespace, history: list[dict]) -> None:
     if args.output_dir is None:
         return
     import json
-    import os
 
-    path = pathlib.Path(args.output_dir) / "metrics.jsonl"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(m, default=float) + "\n" for m in history))
-    tmp.replace(path)
+    from q_tuning._files import write_text_atomic
+
+    write_text_atomic(pathlib.Path(args.output_dir) / "metrics.jsonl",
+                      (json.dumps(m, default=float) + "\n" for m in history))
 
 
 def _print_outputs(args: argparse.Namespace, trainer) -> None:

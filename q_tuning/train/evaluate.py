@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import decimal
 import json
-import os
 import pathlib
 import re
 import sys
@@ -30,6 +29,9 @@ import time
 from typing import Any, Optional, Sequence
 
 import torch
+
+from q_tuning._files import write_text_atomic
+from q_tuning.config import positive_int
 
 __all__ = ["answer_complete", "evaluate", "extract_answer", "finished", "greedy_generate", "main",
            "normalize_number", "read_rows", "reference_nll"]
@@ -265,22 +267,8 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
         "max_new_tokens": max_new_tokens, "batch_size": batch_size,
     }
     if predictions:
-        _write_atomic(predictions, "".join(json.dumps(r) + "\n" for r in records))
+        write_text_atomic(predictions, "".join(json.dumps(r) + "\n" for r in records))
     return result
-
-
-def _write_atomic(path: str, text: str) -> None:
-    p = pathlib.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    tmp.replace(p)
-
-
-def _positive(text: str) -> int:
-    from q_tuning.config import positive_int
-
-    return positive_int(text)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -289,12 +277,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                         help="HF folder or .gguf file (default: the installed SmolLM2-135M-Instruct "
                              "GGUF, i.e. zero-shot)")
     parser.add_argument("--data-path", required=True, help="gsm_symbolic JSONL (eval.jsonl)")
-    parser.add_argument("--num-samples", type=_positive, default=None, help="first N rows")
-    parser.add_argument("--batch-size", type=_positive, default=16)
-    parser.add_argument("--max-new-tokens", type=_positive, default=256)
+    parser.add_argument("--num-samples", type=positive_int, default=None, help="first N rows")
+    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--output", default=None, help="result JSON (written atomically)")
     parser.add_argument("--predictions", default=None, help="per-sample JSONL")
-    parser.add_argument("--threads", type=_positive, default=None)
+    parser.add_argument("--threads", type=positive_int, default=None)
     args = parser.parse_args(argv)
     from q_tuning.train.data import DataError
 
@@ -312,7 +300,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"q-tuning-eval: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if args.output:
-        _write_atomic(args.output, json.dumps(result, indent=1))
+        write_text_atomic(args.output, json.dumps(result, indent=1))
     print(f"q-tuning-eval: {result['correct']}/{result['num_samples']} exact match "
           f"({100 * result['accuracy']:.1f}%), held-out NLL {result['nll_per_token']:.4f}/token; "
           f"generation {result['seconds_generate']:.0f} s, NLL {result['seconds_nll']:.0f} s",

@@ -35,10 +35,11 @@ import pathlib
 import random
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from q_tuning._files import write_text_atomic
 
 INSTRUCTION = ('Solve the problem step by step. End with a last line of the form '
                '"#### <answer>", where <answer> is the final number only.')
@@ -133,17 +134,7 @@ def _wrong_answer(answer: str, rng: random.Random) -> str:
 
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> None:
     """Write rows as JSONL to a temporary file beside `path`, then rename it into place."""
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    write_text_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -645,8 +645,6 @@ def export_hf_state_dict(model_chunks, *, vocab_size: Optional[int] = None,
     same tensor as `model.embed_tokens.weight`, as in `hf_model.state_dict()`. `vocab_size` (HF's,
     without megatron's padding) defaults to the one `build_gpt_model` recorded on the chunks.
     """
-    from megatron.core import parallel_state as ps
-
     chunks = [_unwrap(c) for c in (model_chunks if isinstance(model_chunks, list)
                                    else [model_chunks])]
     if vocab_size is None:

@@ -60,6 +60,7 @@ def _prepare_smollm2_gsm(args: Any) -> None:
 
 
 def _write_gsm_data(data_dir: pathlib.Path, *, seed: int) -> None:
+    from q_tuning._files import write_text_atomic
     from q_tuning.train.gsm_symbolic import build_gsm_splits, write_jsonl_atomic
 
     meta = {"train_size": GSM_TRAIN_SIZE, "eval_size": GSM_EVAL_SIZE,
@@ -77,10 +78,7 @@ def _write_gsm_data(data_dir: pathlib.Path, *, seed: int) -> None:
     write_jsonl_atomic(data_dir / "train.jsonl", train)
     write_jsonl_atomic(data_dir / "eval.jsonl", held_out)
     # Written last: its presence says the two files above are complete.
-    meta_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = meta_path.with_name(".meta.json.tmp")
-    tmp.write_text(json.dumps(meta))
-    tmp.replace(meta_path)
+    write_text_atomic(meta_path, json.dumps(meta))
     logger.info("generated %d GSM-Symbolic training problems (%d corrupted) and %d held-out "
                 "ones in %s", len(train), sum(r["corrupted"] for r in train), len(held_out),
                 data_dir)

@@ -42,7 +42,7 @@ import random
 import threading
 import time
 import warnings
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
