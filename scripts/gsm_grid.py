@@ -29,6 +29,8 @@ import subprocess
 import sys
 import time
 
+from q_tuning._files import write_text_atomic
+
 SETTINGS: dict[str, list[str] | None] = {
     "zero_shot": None,
     "full": [],
@@ -284,7 +286,7 @@ def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
             cells += ["–"] * 6
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    (out / "table.md").write_text(table)
+    write_text_atomic(out / "table.md", table)
     _write_json(out / "summary.json", summary)
     return table
 
@@ -301,8 +303,6 @@ def _mean_sd(values: list[float], digits: int) -> str:
 
 
 def _write_json(path: pathlib.Path, obj) -> None:
-    from q_tuning._files import write_text_atomic
-
     write_text_atomic(path, json.dumps(obj, indent=1, default=float))
 
 
