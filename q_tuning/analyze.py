@@ -240,11 +240,12 @@ class _Progress:
 
 
 def score_dataset(chunks, samples, *, batch_size: int, micro_batch_size: Optional[int],
-                  method: str, dp_rank: int, dp_size: int, dp_group) -> dict[str, torch.Tensor]:
+                  method: str, dp_rank: int, dp_size: int, dp_group,
+                  entropy_scope: str = "response") -> dict[str, torch.Tensor]:
     """Per-sample `ppl`, `entropy` (float64, NaN when unplaceable) and `targets` (int64) of every
     sample, on every rank. Pass b scores samples [b*B*dp, (b+1)*B*dp); replica r takes its r-th
     block of B; the results are all-gathered over DP at the end."""
-    from q_tuning.parallel.scoring import score_samples
+    from q_tuning.parallel.scoring import score_samples, target_masks
 
     n = len(samples)
     stride = batch_size * dp_size
@@ -254,11 +255,15 @@ def score_dataset(chunks, samples, *, batch_size: int, micro_batch_size: Optiona
         lo = min(n, start + dp_rank * batch_size)
         part = samples[lo:min(n, lo + batch_size)]
         if part:
-            scores = score_samples(chunks, [s.tokens for s in part], [s.loss_mask for s in part],
+            masks = [s.loss_mask for s in part]
+            scores = score_samples(chunks, [s.tokens for s in part],
+                                   masks if entropy_scope == "response"
+                                   else [torch.ones_like(m) for m in masks],
                                    rows_per_micro_batch=micro_batch_size, method=method)
-            ppl, ent = sample_ppl_entropy_from_tokens(scores.nll, scores.entropy,
-                                                      scores.target_mask)
-            targets = scores.target_mask.sum(dim=1)
+            loss = target_masks(masks, scores.target_mask.shape[1])
+            ppl, ent = sample_ppl_entropy_from_tokens(scores.nll, scores.entropy, loss,
+                                                      entropy_mask=scores.target_mask)
+            targets = loss.sum(dim=1)
             mine += [(lo + i, float(ppl[i]), float(ent[i]), int(targets[i]))
                      for i in range(len(part))]
         progress.update(min(n, start + stride))
@@ -293,7 +298,7 @@ def select_in_batches(ppl: torch.Tensor, entropy: torch.Tensor, config: QTuningC
         info = {"batch": b, "first_index": start, "size": part.stop - start}
         try:
             sel = select_samples(ppl[part], entropy[part], config.sample_keep_ratio,
-                                 config.bisect_max_iter, step=b + 1)
+                                 config.bisect_max_iter, step=b + 1, rule=config.selection)
         except ValueError as err:  # nothing placeable in this batch
             batches.append({**info, "error": str(err), "kept_samples": 0})
             continue
@@ -587,7 +592,8 @@ def run(args: argparse.Namespace) -> dict:
                               micro_batch_size=args.micro_batch_size,
                               method=config.scoring_method, dp_rank=ps.get_data_parallel_rank(),
                               dp_size=ps.get_data_parallel_world_size(),
-                              dp_group=ps.get_data_parallel_group())
+                              dp_group=ps.get_data_parallel_group(),
+                              entropy_scope=config.entropy_scope)
         seconds = time.perf_counter() - start
         decision, batches = select_in_batches(stats["ppl"], stats["entropy"], config,
                                               args.selection_batch_size)
@@ -629,6 +635,9 @@ def _write_outputs(out: pathlib.Path, tokenizer, samples, rows, batches, summary
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.q_tuning_token_budget != "per-sample":  # the report prunes each sample on its own
+        parser.error("--q-tuning-token-budget global: q-tuning-analyze shows per-sample token "
+                     "pruning only; use per-sample")
     _quiet_expected_warnings(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

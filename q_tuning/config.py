@@ -13,6 +13,10 @@ from typing import Any, Callable
 BATCH_POLICIES = ("shrink", "refill")
 SCORING_METHODS = ("fused", "logits")
 # q_tuning.strategies.STRATEGIES, repeated here so the flags parse without importing torch code.
+# SPEC section 7's options (used by q_tuning.selection and q_tuning.token_pruning).
+SELECTION_RULES = ("paper", "exact")
+TOKEN_BUDGETS = ("per-sample", "global")
+ENTROPY_SCOPES = ("response", "sequence")
 STRATEGY_NAMES = ("eu_plane", "random", "ppl_high", "ppl_low", "entropy_high", "entropy_low",
                   "infobatch")
 
@@ -26,6 +30,10 @@ class QTuningConfig:
     token_keep_ratio: float = 0.7
     neighbor_lambda: float = 0.5
     bisect_max_iter: int = 10
+    # SPEC section 7: the official code's selection rule (default), token budget and entropy scope
+    selection: str = "paper"
+    token_budget: str = "per-sample"
+    entropy_scope: str = "response"
     batch_policy: str = "shrink"
     # Scoring stores no activations, so it may use larger micro-batches than training.
     # None: use the training micro-batch size.
@@ -47,6 +55,11 @@ class QTuningConfig:
                 or self.bisect_max_iter < 1:
             raise ValueError(
                 f"--q-tuning-bisect-max-iter must be an integer >= 1, got {self.bisect_max_iter!r}")
+        for name, choices in (("selection", SELECTION_RULES), ("token_budget", TOKEN_BUDGETS),
+                              ("entropy_scope", ENTROPY_SCOPES)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--q-tuning-{name.replace('_', '-')} must be one of {choices}, "
+                                 f"got {getattr(self, name)!r}")
         if self.batch_policy not in BATCH_POLICIES:
             raise ValueError(
                 f"--q-tuning-batch-policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
@@ -131,6 +144,18 @@ def add_q_tuning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
                        help="Weight of the neighbours' perplexity in the token score, in [0, 1].")
     group.add_argument("--q-tuning-bisect-max-iter", type=positive_int, default=d.bisect_max_iter,
                        help="Bisection steps on the quantile level (integer >= 1).")
+    group.add_argument("--q-tuning-selection", choices=SELECTION_RULES, default=d.selection,
+                       help="paper: the official code's rule (corners below level 0.49, then the "
+                            "most off-diagonal samples); exact: exactly k from the corners, the "
+                            "level may pass 0.5.")
+    group.add_argument("--q-tuning-token-budget", choices=TOKEN_BUDGETS, default=d.token_budget,
+                       help="per-sample: each Q2 sample keeps its token keep ratio; global: the "
+                            "step trains on sample ratio x token ratio of the global batch's loss "
+                            "tokens (Q4 whole, Q2 tokens ranked across samples).")
+    group.add_argument("--q-tuning-entropy-scope", choices=ENTROPY_SCOPES,
+                       default=d.entropy_scope,
+                       help="response: a sample's entropy over its loss tokens; sequence: over "
+                            "every target position, prompt included (the official code).")
     group.add_argument("--q-tuning-batch-policy", choices=BATCH_POLICIES, default=d.batch_policy,
                        help="shrink: train on the kept part of each scored batch; refill: score "
                             "until a full batch of kept samples is collected.")

@@ -30,12 +30,12 @@ import torch
 from q_tuning.config import STRATEGY_NAMES, QTuningConfig
 from q_tuning.parallel import comm
 from q_tuning.parallel.rebalance import assign_to_ranks, filler_sample, gather_kept
-from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples
+from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples, target_masks
 from q_tuning.selection import SampleSelection, sample_ppl_entropy
 from q_tuning.strategies import (StrategyDecision, StrategyInputs, TokenPruning, decide,
                                  needs_scores, random_token_keep_mask, resolve_strategy,
                                  seeded_generator)
-from q_tuning.token_pruning import token_keep_mask
+from q_tuning.token_pruning import budget_keep, global_token_budget, token_keep_mask, token_scores
 
 
 @dataclasses.dataclass
@@ -95,21 +95,27 @@ class QTuningPruner:
         comm.agree_on_errors(self._validate(chunks, batch), prefix)
 
         scored = needs_scores(self.config.strategy)
-        scores = score_samples(chunks, batch["tokens"], batch["loss_masks"],
+        # entropy scope "sequence": every target position is scored (SPEC section 7)
+        scored_masks = batch["loss_masks"] if self.config.entropy_scope == "response" \
+            else [torch.ones_like(m) for m in batch["loss_masks"]]
+        scores = score_samples(chunks, batch["tokens"], scored_masks,
                                rows_per_micro_batch=self.config.scoring_micro_batch_size,
                                training_micro_batch_size=self.training_micro_batch_size,
                                max_tokens_per_row=self.max_tokens_per_gpu,
                                method=self.config.scoring_method, groups=groups) \
             if scored else _unscored(batch["loss_masks"])
         scoring_seconds = time.perf_counter() - start
-        global_sums, counts = comm.all_gather_rows(_sample_sums(scores, batch["tokens"]), groups.dp)
+        sums = _sample_sums(scores, batch["tokens"], batch["loss_masks"])
+        scores = _loss_targets_only(scores, batch["loss_masks"])
+        global_sums, counts = comm.all_gather_rows(sums, groups.dp)
         if global_sums.shape[0] == 0:
             raise ValueError(f"{prefix}the global batch is empty")
         dp_rank = torch.distributed.get_rank(groups.dp) if counts[1:] else 0
         offset = sum(counts[:dp_rank])
 
         if scored:
-            ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2])
+            ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2],
+                                          entropy_tokens=global_sums[:, 4])
         else:  # nothing to place: the unscored rule sees NaN statistics
             ppl, ent = (torch.full_like(global_sums[:, 0], float("nan")) for _ in range(2))
         placed = int((global_sums[:, 2] > 0).sum())
@@ -122,7 +128,8 @@ class QTuningPruner:
         self.last_decision = StepDecision(
             selection=selection, strategy=strategy, sample_ppl=ppl, sample_entropy=ent,
             local_offset=offset, local_scores=scores,
-            local_loss_masks=self._pruned_masks(strategy, offset, scores, batch["loss_masks"]))
+            local_loss_masks=self._pruned_masks(strategy, offset, scores, batch["loss_masks"],
+                                                global_sums[:, 2], ratio, groups.dp))
         if self.hooks:
             self._run_hooks(batch, rollout_id if rollout_id is not None else self.step, prefix)
 
@@ -219,7 +226,7 @@ class QTuningPruner:
             token_keep_ratio=c.token_keep_ratio, bisect_max_iter=c.bisect_max_iter, step=self.step,
             total_steps=self.total_steps, generator=seeded_generator(c.seed, self.step),
             options={"infobatch_prune_ratio": c.infobatch_prune_ratio,
-                     "infobatch_anneal": c.infobatch_anneal})
+                     "infobatch_anneal": c.infobatch_anneal}, selection_rule=c.selection)
         if c.strategy in STRATEGY_NAMES:  # built-ins are deterministic in their inputs
             return decide(c.strategy, inputs)
         decision, error = None, None
@@ -237,19 +244,24 @@ class QTuningPruner:
         return decision
 
     def _pruned_masks(self, strategy: StrategyDecision, offset: int, scores: TokenScores,
-                      loss_masks: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+                      loss_masks: Sequence[torch.Tensor], loss_tokens: torch.Tensor,
+                      ratio: float, dp_group) -> list[torch.Tensor]:
         """Loss masks of this rank's samples after the strategy's token pruning and loss weights.
 
         Q-Tuning: kept Q2 samples get their highest-scoring tokens cleared, every other sample
-        keeps its mask untouched."""
+        keeps its mask untouched. `loss_tokens` [N_global] and `ratio` size the global budget."""
         masks = list(loss_masks)
         n = len(masks)
         rule = [int(strategy.token_pruning[offset + i]) if bool(strategy.keep[offset + i])
                 else TokenPruning.NONE for i in range(n)]
         scored = [i for i in range(n) if rule[i] == TokenPruning.SCORED]
-        if scored:
+        if self.config.token_budget == "global":  # a collective: every rank, Q2 rows or not
+            keep = self._global_budget_keep(strategy, offset, scores, scored, loss_tokens, ratio,
+                                            dp_group)
+        elif scored:
             keep = token_keep_mask(scores.nll[scored], scores.target_mask[scored],
                                    self.config.token_keep_ratio, self.config.neighbor_lambda)
+        if scored:
             for row, i in enumerate(scored):
                 masks[i] = keep[row, :masks[i].numel()].to(masks[i].dtype)
         for i in (i for i in range(n) if rule[i] == TokenPruning.RANDOM):
@@ -262,6 +274,26 @@ class QTuningPruner:
             if weight != 1.0:
                 masks[i] = masks[i].to(torch.float32) * weight
         return masks
+
+    def _global_budget_keep(self, strategy: StrategyDecision, offset: int, scores: TokenScores,
+                            scored: list[int], loss_tokens: torch.Tensor, ratio: float,
+                            dp_group) -> torch.Tensor:
+        """Bool [len(scored), L]: SPEC section 7's global budget over the Q2 samples of every DP
+        rank. Each rank contributes its Q2 tokens' scores; all decide on the same gathered list."""
+        c = self.config
+        q2 = strategy.keep & (strategy.token_pruning == int(TokenPruning.SCORED))
+        budget = global_token_budget(
+            ratio, c.token_keep_ratio, int(loss_tokens.sum()),
+            int(loss_tokens[strategy.keep & ~q2].sum()), int(q2.sum()), int(loss_tokens[q2].sum()))
+        target = scores.target_mask[scored]  # [n2_local, L]
+        flat = token_scores(scores.nll[scored], target, c.neighbor_lambda)
+        sample = torch.repeat_interleave(torch.tensor(scored, dtype=torch.float64) + offset,
+                                         target.sum(1))
+        everything, counts = comm.all_gather_rows(torch.stack([sample, flat], 1), dp_group)
+        kept = budget_keep(everything[:, 1], everything[:, 0].long(), budget)
+        start = sum(counts[:torch.distributed.get_rank(dp_group)]) if len(counts) > 1 else 0
+        mine = kept[start:start + flat.numel()]
+        return torch.zeros_like(target).masked_scatter_(target, mine)
 
     @staticmethod
     def _exchange(local_kept: dict[int, dict], assignment: list[list[int]], dp_rank: int,
@@ -330,13 +362,27 @@ def _unscored_selection(keep: torch.Tensor, num_tokens: torch.Tensor, ratio: flo
         num_empty=int((~placed).sum()), keep_ratio=ratio)
 
 
-def _sample_sums(scores: TokenScores, tokens: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`[n, 4]` float64: nll sum, entropy sum, target count, length per sample."""
-    mask = scores.target_mask
-    return torch.stack([(scores.nll.double() * mask).sum(1),
-                        (scores.entropy.double() * mask).sum(1),
-                        mask.sum(1).double(),
-                        torch.tensor([t.numel() for t in tokens], dtype=torch.float64)], dim=1)
+def _sample_sums(scores: TokenScores, tokens: Sequence[torch.Tensor],
+                 loss_masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[n, 5]` float64 per sample: nll sum and loss-target count over the loss targets, entropy
+    sum over the scored targets (the loss targets, or all under --q-tuning-entropy-scope
+    sequence), length, scored-target count."""
+    loss = target_masks(loss_masks, scores.target_mask.shape[1])
+    scored = scores.target_mask
+    return torch.stack([(scores.nll.double() * loss).sum(1),
+                        (scores.entropy.double() * scored).sum(1),
+                        loss.sum(1).double(),
+                        torch.tensor([t.numel() for t in tokens], dtype=torch.float64),
+                        scored.sum(1).double()], dim=1)
+
+
+def _loss_targets_only(scores: TokenScores, loss_masks: Sequence[torch.Tensor]) -> TokenScores:
+    """`scores` restricted to the loss targets (a no-op unless more positions were scored)."""
+    loss = target_masks(loss_masks, scores.target_mask.shape[1])
+    if torch.equal(loss, scores.target_mask):
+        return scores
+    return dataclasses.replace(scores, nll=scores.nll * loss, entropy=scores.entropy * loss,
+                               target_mask=loss)
 
 
 def _vocab_size(chunk: torch.nn.Module) -> int | None:

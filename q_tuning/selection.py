@@ -3,7 +3,9 @@
 Public API:
     sample_ppl_entropy(nll_sum, entropy_sum, num_tokens) -> (ppl, entropy)
     sample_ppl_entropy_from_tokens(token_nll, token_entropy, loss_mask) -> (ppl, entropy)
-    select_samples(ppl, entropy, keep_ratio, bisect_max_iter=10, *, step=None) -> SampleSelection
+    select_samples(ppl, entropy, keep_ratio, bisect_max_iter=10, *, step=None, rule="exact")
+        -> SampleSelection
+    SELECTION_RULES
     SampleSelection
     keep_count(ratio, total)
 
@@ -28,7 +30,9 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["SampleSelection", "keep_count", "sample_ppl_entropy", "sample_ppl_entropy_from_tokens",
+from q_tuning.config import SELECTION_RULES
+
+__all__ = ["SELECTION_RULES", "SampleSelection", "keep_count", "sample_ppl_entropy", "sample_ppl_entropy_from_tokens",
            "select_samples"]
 
 # exp(x) is finite in float64 for every x <= this; clamp only above it (SPEC section 1).
@@ -37,6 +41,11 @@ LOG_FLOAT64_MAX = math.log(torch.finfo(torch.float64).max)
 _INT64_MAX = torch.iinfo(torch.int64).max
 
 QUADRANT_NAMES = {1: "Q1", 2: "Q2", 3: "Q3", 4: "Q4"}
+
+# SELECTION_RULES: "exact", SPEC section 3, exactly k from the corners (the level may pass 0.5);
+# "paper", SPEC section 7, the official code's corners below level 0.49, then the off-diagonal fill.
+# The paper rule's level cap 0.49 as the integer comparison 100 * entry <= 49 * (n - 1).
+PAPER_LEVEL_CAP = (49, 100)
 
 
 def keep_count(ratio: float, total: int | Tensor) -> int | Tensor:
@@ -50,9 +59,10 @@ def keep_count(ratio: float, total: int | Tensor) -> int | Tensor:
     return min(total, max(1, math.floor(ratio * total + 0.5)))
 
 
-def sample_ppl_entropy(nll_sum: Tensor, entropy_sum: Tensor,
-                       num_tokens: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-sample PPL and mean entropy (float64) from sums over the sample's loss-mask tokens.
+def sample_ppl_entropy(nll_sum: Tensor, entropy_sum: Tensor, num_tokens: Tensor, *,
+                       entropy_tokens: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Per-sample PPL and mean entropy (float64) from sums over the sample's loss-mask tokens
+    (the entropy sum over `entropy_tokens` positions when given: --q-tuning-entropy-scope).
 
     Takes sums so that context-parallel ranks can add their partial sums first. A sample with no
     tokens, or whose mean NLL is not finite, gets NaN PPL: `select_samples` cannot place it. The
@@ -63,7 +73,11 @@ def sample_ppl_entropy(nll_sum: Tensor, entropy_sum: Tensor,
     has_tokens = count > 0
     divisor = torch.where(has_tokens, count, torch.ones_like(count))
     mean_nll = nll_sum.to(torch.float64) / divisor
-    mean_entropy = entropy_sum.to(torch.float64) / divisor
+    if entropy_tokens is None:
+        mean_entropy = entropy_sum.to(torch.float64) / divisor
+    else:
+        entropy_count = torch.as_tensor(entropy_tokens, device=nll_sum.device).to(torch.float64)
+        mean_entropy = entropy_sum.to(torch.float64) / entropy_count.clamp(min=1)
     nan = torch.full_like(mean_nll, float("nan"))
     ppl = torch.exp(mean_nll.clamp(max=LOG_FLOAT64_MAX))
     ppl = torch.where(has_tokens & torch.isfinite(mean_nll), ppl, nan)
@@ -71,17 +85,20 @@ def sample_ppl_entropy(nll_sum: Tensor, entropy_sum: Tensor,
     return ppl, entropy
 
 
-def sample_ppl_entropy_from_tokens(token_nll: Tensor, token_entropy: Tensor,
-                                   loss_mask: Tensor) -> tuple[Tensor, Tensor]:
+def sample_ppl_entropy_from_tokens(token_nll: Tensor, token_entropy: Tensor, loss_mask: Tensor,
+                                   *, entropy_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """`sample_ppl_entropy` for padded `[N, T]` per-token statistics; rows are samples.
 
-    Positions outside the loss mask are ignored even when they hold NaN or garbage.
+    Positions outside the loss mask (the entropy over `entropy_mask` when given) are ignored even
+    when they hold NaN or garbage.
     """
     mask = loss_mask.bool()
+    ent_mask = mask if entropy_mask is None else entropy_mask.bool()
     zero = torch.zeros((), dtype=torch.float64, device=token_nll.device)
     nll_sum = torch.where(mask, token_nll.to(torch.float64), zero).sum(dim=-1)
-    entropy_sum = torch.where(mask, token_entropy.to(torch.float64), zero).sum(dim=-1)
-    return sample_ppl_entropy(nll_sum, entropy_sum, mask.sum(dim=-1))
+    entropy_sum = torch.where(ent_mask, token_entropy.to(torch.float64), zero).sum(dim=-1)
+    return sample_ppl_entropy(nll_sum, entropy_sum, mask.sum(dim=-1),
+                              entropy_tokens=None if entropy_mask is None else ent_mask.sum(-1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,8 +127,8 @@ class SampleSelection:
 
 
 def select_samples(ppl: Tensor, entropy: Tensor, keep_ratio: float, bisect_max_iter: int = 10,
-                   *, step: int | None = None,
-                   num_tokens: Tensor | None = None) -> SampleSelection:
+                   *, step: int | None = None, num_tokens: Tensor | None = None,
+                   rule: str = "exact") -> SampleSelection:
     """Keep exactly `k = keep_count(keep_ratio, n)` of the `n` placed samples (SPEC section 3).
 
     Samples with non-finite PPL or entropy are unplaceable: dropped and counted (give
@@ -125,9 +142,16 @@ def select_samples(ppl: Tensor, entropy: Tensor, keep_ratio: float, bisect_max_i
     (the smallest level, to `2**-bisect_max_iter`, whose corners hold `k` samples), and every
     kept sample lies in the corners at `a*`.
 
+    `rule="paper"` (SPEC section 7) takes samples in the same order only while their entry level
+    is <= 0.49, then fills up to `k` by the off-diagonal score `|ppl_n - ent_n|` (min-max
+    normalised axes), largest first, lower index on ties; a fill sample is Q2 when
+    `ppl_n >= ent_n`, else Q4, and `level` is then the bisection level of the corner samples.
+
     Raises ValueError, naming `step`, when no sample can be placed.
     """
     _check_selection_args(ppl, entropy, keep_ratio, bisect_max_iter)
+    if rule not in SELECTION_RULES:
+        raise ValueError(f"selection rule must be one of {SELECTION_RULES}, got {rule!r}")
     total = ppl.numel()
     ppl, entropy = ppl.to(torch.float64), entropy.to(torch.float64)
     placed = torch.isfinite(ppl) & torch.isfinite(entropy)
@@ -140,10 +164,20 @@ def select_samples(ppl: Tensor, entropy: Tensor, keep_ratio: float, bisect_max_i
     ppl, entropy = ppl.index_select(0, placed_index), entropy.index_select(0, placed_index)
     plane = _RankPlane.build(ppl, entropy)
     k = keep_count(keep_ratio, n)
-    kept = _lowest_k(plane.entry * (2 * n - 1) + plane.depth, k)  # by (entry, depth), then index
-    kth_entry = int(torch.where(kept, plane.entry, -1).max())  # host sync: scalar bisection
+    order_key = plane.entry * (2 * n - 1) + plane.depth  # by (entry, depth), then index
+    via_q2 = plane.via_q2
+    if rule == "exact":
+        kept = _lowest_k(order_key, k)
+        corner = kept
+    else:
+        corner = _lowest_k(order_key, k) & (PAPER_LEVEL_CAP[1] * plane.entry
+                                            <= PAPER_LEVEL_CAP[0] * (n - 1))
+        kept, fill_via_q2 = _off_diagonal_fill(ppl, entropy, corner, k)
+        via_q2 = torch.where(corner, via_q2, fill_via_q2)
+    # host sync: scalar bisection over the corner samples (-1: none, level 0)
+    kth_entry = int(torch.where(corner, plane.entry, -1).max())
     level = _bisect_level(kth_entry, n - 1, bisect_max_iter)
-    quadrant = torch.where(kept, torch.where(plane.via_q2, 2, 4),
+    quadrant = torch.where(kept, torch.where(via_q2, 2, 4),
                            torch.where(plane.high_high, 1, 3))
     return SampleSelection(
         keep=_scatter(kept, placed_index, total, False),
@@ -190,6 +224,28 @@ class _RankPlane:
             ppl_order=ppl_order,
             ent_order=ent_order,
         )
+
+
+def _off_diagonal_fill(ppl: Tensor, entropy: Tensor, corner: Tensor,
+                       k: int) -> tuple[Tensor, Tensor]:
+    """(kept, via_q2): `corner` plus the `k - |corner|` other samples of largest `|ppl_n - ent_n|`
+    (ties: lower index), and whether each would be labelled Q2 (`ppl_n >= ent_n`)."""
+    ppl_n, ent_n = _min_max_normalised(ppl), _min_max_normalised(entropy)
+    room = k - int(corner.sum())  # host sync, once per step
+    if room <= 0:
+        return corner, ppl_n >= ent_n
+    gap = (ppl_n - ent_n).abs()
+    # Largest gap first, lower index on ties: smallest key of (-gap) via the ordered int64 key.
+    key = torch.where(corner, _INT64_MAX, float64_order_key(-gap))
+    return corner | _lowest_k(key, room), ppl_n >= ent_n
+
+
+def _min_max_normalised(values: Tensor) -> Tensor:
+    """(x - min) / (max - min); a constant axis normalises to 0."""
+    low, high = values.min(), values.max()
+    span = high - low
+    return torch.where(span > 0, (values - low) / torch.where(span > 0, span, 1.0),
+                       torch.zeros_like(values))
 
 
 def _check_selection_args(ppl: Tensor, entropy: Tensor, keep_ratio: float,

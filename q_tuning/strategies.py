@@ -73,6 +73,7 @@ class StrategyInputs:
     total_steps: int | None  # the run's planned steps, when known
     generator: torch.Generator  # seeded from (--q-tuning-seed, step): the same on every rank
     options: dict  # strategy-specific settings, e.g. {"infobatch_prune_ratio": 0.5, ...}
+    selection_rule: str = "exact"  # select_samples' rule (--q-tuning-selection)
 
     @property
     def scored(self) -> bool:
@@ -236,4 +237,5 @@ def seeded_generator(*parts: int) -> torch.Generator:
 
 def _eu_selection(inputs: StrategyInputs) -> SampleSelection:
     return select_samples(inputs.ppl, inputs.entropy, inputs.keep_ratio, inputs.bisect_max_iter,
-                          step=inputs.step, num_tokens=inputs.num_tokens)
+                          step=inputs.step, num_tokens=inputs.num_tokens,
+                          rule=inputs.selection_rule)

@@ -3,6 +3,16 @@
 Public API:
     token_keep_mask(token_nll, loss_mask, keep_ratio, neighbor_lambda) -> bool [N, T]
     segment_token_keep_mask(token_nll, loss_mask, segment_ids, keep_ratio, neighbor_lambda)
+    TOKEN_BUDGETS
+    global_token_budget(sample_keep_ratio, token_keep_ratio, total_tokens, q4_tokens, n_q2,
+                        q2_tokens) -> int
+    token_scores(token_nll, loss_mask, neighbor_lambda) -> float64 [number of mask-1 positions]
+    budget_keep(scores, sample, budget) -> bool, like `scores`
+    budget_token_keep_mask(token_nll, loss_mask, budget, neighbor_lambda) -> bool [N, T]
+
+`--q-tuning-token-budget per-sample` (SPEC section 4) keeps a share of every Q2 sample;
+`global` (SPEC section 7, the official code) gives all Q2 samples of the global batch one budget,
+filled by the lowest scores across samples after each sample's lowest-scoring token.
 
 Pure tensor functions (SPEC section 4). One implementation serves padded rows (one sample per
 row) and packed rows (several samples per row, told apart by segment ids). Callers under context
@@ -11,12 +21,17 @@ parallelism pass whole, unsplit rows, so neighbours never stop at a chunk bounda
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+from q_tuning.config import TOKEN_BUDGETS
 from q_tuning.selection import LOG_FLOAT64_MAX, float64_order_key, keep_count, run_bounds
 
-__all__ = ["segment_token_keep_mask", "token_keep_mask"]
+__all__ = ["TOKEN_BUDGETS", "budget_keep", "budget_token_keep_mask", "global_token_budget",
+           "segment_token_keep_mask", "token_keep_mask", "token_scores"]
+
 
 
 def token_keep_mask(token_nll: Tensor, loss_mask: Tensor, keep_ratio: float,
@@ -61,6 +76,54 @@ def segment_token_keep_mask(token_nll: Tensor, loss_mask: Tensor, segment_ids: T
     rank_in_sample = torch.arange(order.numel(), device=order.device) - first
     kept_sorted = rank_in_sample < keep_count(keep_ratio, last - first + 1)
     kept = torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted)  # back to row-major
+    return torch.zeros_like(active).masked_scatter_(active, kept)
+
+
+def global_token_budget(sample_keep_ratio: float, token_keep_ratio: float, total_tokens: int,
+                        q4_tokens: int, n_q2: int, q2_tokens: int) -> int:
+    """Q2 tokens kept in all under the global budget (SPEC section 7):
+    `min(A, max(n2, B - n4))` with `B = floor(r * r_tok * T + 0.5)`."""
+    budget = math.floor(sample_keep_ratio * token_keep_ratio * total_tokens + 0.5)
+    return min(q2_tokens, max(n_q2, budget - q4_tokens))
+
+
+def token_scores(token_nll: Tensor, loss_mask: Tensor, neighbor_lambda: float) -> Tensor:
+    """float64 score of every mask-1 position, row-major (each row one sample, sequence order)."""
+    active = loss_mask.bool()
+    segment_ids = torch.zeros(active.shape, dtype=torch.int64, device=active.device)
+    return _neighbour_scores(token_nll, active, segment_ids, neighbor_lambda).masked_select(active)
+
+
+def budget_keep(scores: Tensor, sample: Tensor, budget: int) -> Tensor:
+    """Bool like `scores`: each sample's lowest score (earlier position on ties), then the
+    `budget - samples` lowest of the rest across samples (ties: earlier sample, then position).
+
+    `scores` lists every sample's positions in (sample, position) order, `sample` their sample
+    number (non-decreasing). At least one position per sample is kept, at most all of them.
+    """
+    n = scores.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=torch.bool, device=scores.device)
+    # a stable sort of the score keys ranks by (score, sample, position): the input order
+    order = torch.sort(float64_order_key(scores), stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(n, device=order.device))
+    samples = int(sample.max()) + 1  # host sync, once per step
+    best = torch.full((samples,), n, dtype=torch.int64, device=scores.device)
+    best = best.scatter_reduce(0, sample, rank, reduce="amin")
+    first = rank == best.index_select(0, sample)
+    rest_sorted = ~first.index_select(0, order)
+    take_sorted = rest_sorted & (torch.cumsum(rest_sorted, 0) <= budget - int(first.sum()))
+    return first | torch.empty_like(take_sorted).scatter_(0, order, take_sorted)
+
+
+def budget_token_keep_mask(token_nll: Tensor, loss_mask: Tensor, budget: int,
+                           neighbor_lambda: float) -> Tensor:
+    """Bool [N, T]: `budget_keep` over the rows of one process (each row one Q2 sample, in
+    global batch order); the reference the distributed pruner must equal."""
+    active = loss_mask.bool()
+    rows = torch.arange(active.shape[0], device=active.device)[:, None].expand(active.shape)
+    kept = budget_keep(token_scores(token_nll, active, neighbor_lambda),
+                       rows.masked_select(active), budget)
     return torch.zeros_like(active).masked_scatter_(active, kept)
 
 

@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from q_tuning import select_samples, token_keep_mask
+from q_tuning import QTuningConfig, select_samples, token_keep_mask
+from q_tuning.token_pruning import budget_token_keep_mask, global_token_budget
 from tests import _pruner_dist as W
 from tests.harness.launch import run_distributed
 
@@ -30,25 +31,48 @@ SPLITS = {
 
 
 @pytest.fixture(scope="module")
-def reference():
-    """Per-sample statistics from a plain forward, then the algorithm core applied directly."""
-    (per_sample,) = run_distributed(W.reference_worker, 1, BATCH, timeout=TIMEOUT)
+def per_sample():
+    """Per-token (nll, entropy) of every sample from a plain float64 forward."""
+    (out,) = run_distributed(W.reference_worker, 1, BATCH, timeout=TIMEOUT)
+    return out
+
+
+def reference_decision(per_sample, config: dict) -> dict:
+    """The algorithm core applied directly to the plain forward's statistics, for `config`'s
+    selection rule, entropy scope and token budget (SPEC sections 2-4 and 7)."""
+    c = QTuningConfig(**config)
     ppl, ent, masks = [], [], {}
     targets = [torch.cat([torch.zeros(1, dtype=torch.bool), m[1:].bool()]) for m in BATCH["loss_masks"]]
     for (nll, e), t in zip(per_sample, targets):
         ppl.append(math.exp(float(nll[t].mean())))
-        ent.append(float(e[t].mean()))
+        ent.append(float((e[t] if c.entropy_scope == "response" else e[1:]).mean()))
     sel = select_samples(torch.tensor(ppl, dtype=torch.float64),
-                         torch.tensor(ent, dtype=torch.float64), CONFIG["sample_keep_ratio"])
-    for i in sel.keep.nonzero().flatten().tolist():
+                         torch.tensor(ent, dtype=torch.float64), c.sample_keep_ratio,
+                         rule=c.selection)
+    kept = sel.keep.nonzero().flatten().tolist()
+    q2 = [i for i in kept if int(sel.quadrant[i]) == 2]
+    nll_rows = torch.nn.utils.rnn.pad_sequence([per_sample[i][0].float() for i in q2], True)
+    target_rows = torch.nn.utils.rnn.pad_sequence([targets[i] for i in q2], True)
+    if c.token_budget == "global":
+        count = [int(t.sum()) for t in targets]
+        budget = global_token_budget(c.sample_keep_ratio, c.token_keep_ratio, sum(count),
+                                     sum(count[i] for i in kept if i not in q2), len(q2),
+                                     sum(count[i] for i in q2))
+        keep = budget_token_keep_mask(nll_rows, target_rows, budget, c.neighbor_lambda)
+    elif q2:
+        keep = token_keep_mask(nll_rows, target_rows, c.token_keep_ratio, c.neighbor_lambda)
+    for i in kept:
         mask = BATCH["loss_masks"][i].clone()
-        if int(sel.quadrant[i]) == 2:
-            keep = token_keep_mask(per_sample[i][0][None].float(), targets[i][None],
-                                   CONFIG["token_keep_ratio"], CONFIG["neighbor_lambda"])[0]
-            mask = keep.long()
+        if i in q2:
+            mask = keep[q2.index(i), :mask.numel()].long()
         masks[i] = mask.tolist()
     return {"ppl": ppl, "ent": ent, "keep": sel.keep.tolist(), "quadrant": sel.quadrant.tolist(),
             "masks": masks}
+
+
+@pytest.fixture(scope="module")
+def reference(per_sample):
+    return reference_decision(per_sample, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -111,6 +135,40 @@ def test_packed_rows_under_context_parallel(single):
     for out in outs:
         _assert_same_decision(out, single)
     assert _union_of_new_batches(outs) == single["new"]
+
+
+# SPEC section 7: every option of the official code, and the global budget alone
+PAPER_CONFIGS = {
+    "global_budget": {**CONFIG, "token_budget": "global"},
+    "official": {**CONFIG, "token_budget": "global", "entropy_scope": "sequence",
+                 "selection": "paper"},
+    "exact_sequence": {**CONFIG, "selection": "exact", "entropy_scope": "sequence"},
+}
+
+
+@pytest.mark.parametrize("name", list(PAPER_CONFIGS))
+@pytest.mark.parametrize("split", ["single", "tp2", "pp2", "dp2", "packed"])
+def test_paper_options_equal_reference_under_every_split(name, split, per_sample):
+    config = PAPER_CONFIGS[name]
+    ref = reference_decision(per_sample, config)
+    if split in ("single", "packed"):
+        extra = ({"max_tokens_per_gpu": 64},) if split == "packed" else ()
+        outs = run_distributed(W.prune_worker, 1, 1, 1, 1, None, config, BATCH, *extra,
+                               timeout=TIMEOUT)
+    else:
+        outs = run_distributed(W.prune_worker, *SPLITS[split], config, BATCH, timeout=TIMEOUT)
+    for out in outs:
+        _assert_same_decision(out, ref)
+    assert _union_of_new_batches(outs) == ref["masks"]
+    kept_tokens = sum(sum(m[1:]) for m in ref["masks"].values())
+    assert all(o["report"]["kept_tokens"] == kept_tokens for o in outs)
+    if config.get("token_budget") == "global":  # B, or Q4 + one per Q2 sample when above it
+        count = [int(m[1:].sum()) for m in BATCH["loss_masks"]]
+        budget = math.floor(config["sample_keep_ratio"] * config["token_keep_ratio"]
+                            * sum(count) + 0.5)
+        kept = [i for i, k in enumerate(ref["keep"]) if k]
+        floor_tokens = sum(count[i] if ref["quadrant"][i] == 4 else 1 for i in kept)
+        assert kept_tokens == max(budget, floor_tokens)
 
 
 @pytest.mark.parametrize("split", ["single", "dp2", "tp2_pp2", "cp2"])

@@ -219,8 +219,9 @@ def _selection_of(stats: dict[str, list], args: Any):
     placed = int((torch.isfinite(ppl) & torch.isfinite(ent)).sum())
     if placed == 0 or not bool(kept.any()):
         return None
+    config = _config_of(args)
     selection = select_samples(ppl, ent, min(1.0, int(kept.sum()) / placed),
-                               _config_of(args).bisect_max_iter)
+                               config.bisect_max_iter, rule=config.selection)
     if not torch.equal(selection.keep, kept):
         logger.warning("Q-Tuning observe: the kept set cannot be reproduced from the hooks' "
                        "statistics (edited by an earlier hook?); plotting without thresholds")
