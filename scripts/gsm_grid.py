@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         for step in (train_run, evaluate_run):
             for setting, seed in runs:
                 step(out, base, setting, seed, size, in_process=args.tiny, threads=args.threads)
-        _log(f"grid: done in {time.time() - grid_start:.0f} s")
+        log(f"grid: done in {time.time() - grid_start:.0f} s")
     table = write_table(out, args.settings, size)
     print(table)
 
@@ -105,7 +105,7 @@ def prepare(out: pathlib.Path, size: dict, *, tiny: bool) -> pathlib.Path:
     base = out / "base_model"
     if not (base / "config.json").is_file():
         if tiny:
-            _write_tiny_model(base)
+            write_tiny_model(base)
         else:
             from q_tuning.train.assets import smollm2_gguf_path
             from q_tuning.train.model import convert_hf_checkpoint
@@ -114,7 +114,7 @@ def prepare(out: pathlib.Path, size: dict, *, tiny: bool) -> pathlib.Path:
     return base
 
 
-def _write_tiny_model(folder: pathlib.Path) -> None:
+def write_tiny_model(folder: pathlib.Path) -> None:
     import torch
     import transformers
 
@@ -148,9 +148,9 @@ def train_run(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int, si
     if train_dir.exists():  # an interrupted run: start it again
         shutil.rmtree(train_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _log(f"{setting} seed {seed}: training")
+    log(f"{setting} seed {seed}: training")
     start = time.time()
-    _call("q_tuning.train", train_argv(base, out, train_dir, setting, seed, size), in_process,
+    call_module("q_tuning.train", train_argv(base, out, train_dir, setting, seed, size), in_process,
           threads, run_dir / "train.out")
     (run_dir / "train_seconds").write_text(f"{time.time() - start:.1f}\n")  # marks it trained
 
@@ -161,15 +161,15 @@ def evaluate_run(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int,
     run_dir = _run_dir(out, setting, seed)
     result_path = run_dir / "result.json"
     if result_path.is_file():
-        _log(f"{setting} seed {seed}: done earlier, skipped")
+        log(f"{setting} seed {seed}: done earlier, skipped")
         return json.loads(result_path.read_text())
     run_dir.mkdir(parents=True, exist_ok=True)
     trained = SETTINGS[setting] is not None
     model_dir = run_dir / "train" / "hf" if trained else base
     eval_json = run_dir / "eval.json"
-    _log(f"{setting} seed {seed}: evaluating {model_dir}")
+    log(f"{setting} seed {seed}: evaluating {model_dir}")
     start = time.time()
-    _call("q_tuning.train.evaluate",
+    call_module("q_tuning.train.evaluate",
           ["--hf-checkpoint", str(model_dir), "--data-path", str(out / "data" / "eval.jsonl"),
            "--batch-size", str(size["eval_batch"]), "--max-new-tokens",
            str(size["max_new_tokens"]), "--output", str(eval_json),
@@ -179,8 +179,8 @@ def evaluate_run(out: pathlib.Path, base: pathlib.Path, setting: str, seed: int,
               "eval_seconds": time.time() - start,
               "train_seconds": float((run_dir / "train_seconds").read_text()) if trained else 0.0,
               "compute": compute_spent(run_dir / "train" / "metrics.jsonl") if trained else None}
-    _write_json(result_path, result)
-    _log(f"{setting} seed {seed}: accuracy {result['eval']['accuracy']:.3f}, "
+    write_json(result_path, result)
+    log(f"{setting} seed {seed}: accuracy {result['eval']['accuracy']:.3f}, "
          f"nll {result['eval']['nll_per_token']:.4f}")
     return result
 
@@ -200,7 +200,7 @@ def train_argv(base: pathlib.Path, out: pathlib.Path, train_dir: pathlib.Path, s
             *SETTINGS[setting]]
 
 
-def _call(module: str, argv: list[str], in_process: bool, threads: int | None,
+def call_module(module: str, argv: list[str], in_process: bool, threads: int | None,
           log: pathlib.Path) -> None:
     if in_process:
         import importlib
@@ -268,7 +268,7 @@ def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
             acc = [100.0 * r["eval"]["accuracy"] for r in results]
             nll = [r["eval"]["nll_per_token"] for r in results]
             cells = [f"{len(results)} (seed {', '.join(str(r['seed']) for r in results)})",
-                     _mean_sd(acc, 1), _mean_sd(nll, 4)]
+                     mean_sd(acc, 1), mean_sd(nll, 4)]
         else:
             cells = ["0", "not evaluated yet", ""]
         if trained:
@@ -280,33 +280,33 @@ def write_table(out: pathlib.Path, settings: list[str], size: dict) -> str:
                       f"{statistics.fmean(c['trained_samples'] for c in trained):.1f}",
                       f"{tokens:.0f}{rel}",
                       f"{statistics.fmean(c['scored_tokens'] for c in trained):.0f}",
-                      _median_range([c["step_seconds"] for c in trained]),
-                      _median_range([c["train_seconds"] for c in trained])]
+                      median_range([c["step_seconds"] for c in trained]),
+                      median_range([c["train_seconds"] for c in trained])]
         else:
             cells += ["–"] * 6
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
     write_text_atomic(out / "table.md", table)
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return table
 
 
-def _median_range(values: list[float]) -> str:
+def median_range(values: list[float]) -> str:
     return f"{statistics.median(values):.0f} [{min(values):.0f}, {max(values):.0f}]"
 
 
-def _mean_sd(values: list[float], digits: int) -> str:
+def mean_sd(values: list[float], digits: int) -> str:
     mean = statistics.fmean(values)
     if len(values) < 2:
         return f"{mean:.{digits}f}"
     return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def _write_json(path: pathlib.Path, obj) -> None:
+def write_json(path: pathlib.Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1, default=float))
 
 
-def _log(message: str) -> None:
+def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 

@@ -24,7 +24,8 @@ ROWS[2]["prompt"] = "A much longer question, so that the batch needs left paddin
 
 KEYS = {"checkpoint", "data_path", "num_samples", "accuracy", "correct", "nll_per_token",
         "nll_per_sample_mean", "loss_tokens", "generated_tokens", "seconds_generate",
-        "seconds_nll", "max_new_tokens", "batch_size"}
+        "seconds_nll", "max_new_tokens", "batch_size", "nll_per_number_token",
+        "nll_per_other_token", "number_tokens"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -170,7 +171,8 @@ def test_nll_equals_a_naive_reference(tiny):
     _, _, model, tokenizer = tiny
     got = E.reference_nll(model, tokenizer, ROWS, batch_size=2)
     with torch.inference_mode():
-        for row, (nll_sum, count) in zip(ROWS, got):
+        is_number = E.digit_tokens(tokenizer)
+        for row, (nll_sum, count, number_sum, number_count) in zip(ROWS, got):
             tokens, mask = tokenize_conversation(tokenizer, [
                 {"role": "user", "content": row["prompt"]},
                 {"role": "assistant", "content": row["response"]}])
@@ -178,6 +180,10 @@ def test_nll_equals_a_naive_reference(tiny):
             ref = [-float(logp[t - 1, tokens[t]]) for t in range(1, tokens.numel()) if mask[t]]
             assert count == len(ref)
             assert nll_sum == pytest.approx(sum(ref), rel=1e-4)
+            numbers = [-float(logp[t - 1, tokens[t]]) for t in range(1, tokens.numel())
+                       if mask[t] and any(c.isdigit() for c in tokenizer.decode([tokens[t]]))]
+            assert number_count == len(numbers) > 0
+            assert number_sum == pytest.approx(sum(numbers), rel=1e-4)
 
 
 def test_cli_writes_the_result(tiny, tmp_path, capsys):

@@ -359,3 +359,13 @@ def test_analyze_needs_a_model_source():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--data-path", "x.jsonl", "--hf-checkpoint", "a",
                                    "--load", "b"])
+
+
+def test_loss_tokens_count_weighted_tokens_once():
+    """Regression: InfoBatch's loss weights (mask values 2.0) were summed into loss_tokens."""
+    from q_tuning.observe.hooks import gather_rollout_stats
+
+    masks = [torch.tensor([0.0, 2.0, 2.0, 0.0]), torch.tensor([0.0, 1.0, 1.0, 1.0])]
+    stats = gather_rollout_stats({"tokens": [torch.arange(4), torch.arange(4)],
+                                  "loss_masks": masks})
+    assert stats["loss_tokens"] == [2, 3]

@@ -191,7 +191,7 @@ def gather_rollout_stats(rollout_data: dict[str, list]) -> dict[str, list]:
     """
     n = len(rollout_data["tokens"])
     local: dict[str, list] = {f: list(rollout_data[f]) for f in _STAT_FIELDS if f in rollout_data}
-    local["loss_tokens"] = [int(m[1:].sum()) for m in rollout_data["loss_masks"]]
+    local["loss_tokens"] = [int(m[1:].count_nonzero()) for m in rollout_data["loss_masks"]]
     for field, values in rollout_data.items():
         if field in local or field in _TOKEN_FIELDS or len(values) != n:
             continue

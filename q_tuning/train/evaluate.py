@@ -26,7 +26,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ from q_tuning._files import write_text_atomic
 from q_tuning.config import positive_int
 
 __all__ = ["answer_complete", "evaluate", "extract_answer", "finished", "greedy_generate", "main",
-           "normalize_number", "read_rows", "reference_nll"]
+           "normalize_number", "read_rows", "reference_nll", "RowNll", "digit_tokens"]
 
 _FINAL = re.compile(r"####\s*([^\n]*)")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
@@ -171,12 +171,26 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
     return out
 
 
+class RowNll(NamedTuple):
+    """NLL over one row's loss tokens, also split out for the tokens that contain a digit."""
+
+    sum: float
+    count: int
+    number_sum: float
+    number_count: int
+
+
+def digit_tokens(tokenizer) -> torch.Tensor:
+    """Bool [vocab]: the token's text contains a digit (the "number tokens" of an NLL split)."""
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return torch.tensor([any(ch.isdigit() for ch in (p or "")) for p in pieces])
+
+
 @torch.inference_mode()
-def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int
-                  ) -> list[tuple[float, int]]:
-    """(NLL sum, token count) per row over the trainer's loss tokens of prompt + response.
-    Rows go through in length order (little padding) and the output layer runs on the loss
-    positions only: no [tokens, vocab] logits for the prompts."""
+def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int) -> list[RowNll]:
+    """NLL per row over the trainer's loss tokens of prompt + response. Rows go through in
+    length order (little padding) and the output layer runs on the loss positions only: no
+    [tokens, vocab] logits for the prompts."""
     from q_tuning.train.data import tokenize_conversation
 
     for key in ("final_logit_softcapping", "logit_scale"):
@@ -189,7 +203,8 @@ def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int
                for i, r in enumerate(rows)]
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     order = sorted(range(len(samples)), key=lambda i: samples[i][0].numel())
-    results: list[tuple[float, int]] = [(0.0, 0)] * len(samples)
+    is_number = digit_tokens(tokenizer)
+    results: list[RowNll] = [RowNll(0.0, 0, 0.0, 0)] * len(samples)
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
         width = max(samples[i][0].numel() for i in chunk)
@@ -205,9 +220,11 @@ def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int
         hidden = decoder(input_ids=ids, attention_mask=attention).last_hidden_state
         nll = torch.nn.functional.cross_entropy(head(hidden[scored]).float(), labels[scored],
                                                 reduction="none").double()
+        number = is_number[labels[scored]]
         counts = scored.sum(1).tolist()
-        for i, part, count in zip(chunk, nll.split(counts), counts):
-            results[i] = (float(part.sum()), count)
+        for i, part, digits, count in zip(chunk, nll.split(counts), number.split(counts), counts):
+            results[i] = RowNll(float(part.sum()), count, float(part[digits].sum()),
+                                int(digits.sum()))
     return results
 
 
@@ -246,7 +263,7 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
     nll = reference_nll(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
     seconds_nll = time.perf_counter() - start
     records, correct = [], 0
-    for row, new, (nll_sum, count) in zip(rows, generated, nll):
+    for row, new, (nll_sum, count, number_sum, number_count) in zip(rows, generated, nll):
         text = tokenizer.decode(new, skip_special_tokens=True)
         predicted = extract_answer(text)
         truth = normalize_number(str(row["answer"]))
@@ -255,13 +272,19 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
         records.append({"id": row.get("id"), "answer": str(row["answer"]),
                         "predicted": None if predicted is None else str(predicted),
                         "correct": ok, "nll": nll_sum / max(count, 1), "loss_tokens": count,
-                        "generated": text})
-    total_tokens = sum(c for _, c in nll)
+                        "nll_sum": nll_sum, "number_nll_sum": number_sum,
+                        "number_tokens": number_count, "generated": text})
+    total_tokens = sum(r.count for r in nll)
+    number_tokens = sum(r.number_count for r in nll)
     result = {
         "checkpoint": str(checkpoint), "data_path": str(data_path), "num_samples": len(rows),
         "accuracy": correct / len(rows), "correct": correct,
-        "nll_per_token": sum(s for s, _ in nll) / max(total_tokens, 1),
-        "nll_per_sample_mean": sum(s / max(c, 1) for s, c in nll) / len(rows),
+        "nll_per_token": sum(r.sum for r in nll) / max(total_tokens, 1),
+        "nll_per_sample_mean": sum(r.sum / max(r.count, 1) for r in nll) / len(rows),
+        "nll_per_number_token": sum(r.number_sum for r in nll) / max(number_tokens, 1),
+        "nll_per_other_token": sum(r.sum - r.number_sum for r in nll)
+        / max(total_tokens - number_tokens, 1),
+        "number_tokens": number_tokens,
         "loss_tokens": total_tokens, "generated_tokens": sum(len(g) for g in generated),
         "seconds_generate": seconds_generate, "seconds_nll": seconds_nll,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size,

@@ -5,6 +5,7 @@ Public API:
     INSTRUCTION
     make_prompt(question) -> str
     build_gsm_splits(train_size, eval_size, *, seed=0, corrupt_fraction=0.0) -> (train, eval)
+    unique_problems(rg_seed, n, seen, task="gsm_symbolic", **options) -> [(index, item)]
     write_jsonl_atomic(path, rows)
     main(argv=None)
 
@@ -43,7 +44,7 @@ from q_tuning._files import write_text_atomic
 
 INSTRUCTION = ('Solve the problem step by step. End with a last line of the form '
                '"#### <answer>", where <answer> is the final number only.')
-_SEED_STRIDE = 10**7  # reasoning-gym problem i uses Random(seed + i): keep the splits' ranges apart
+SEED_STRIDE = 10**7  # reasoning-gym problem i uses Random(seed + i): keep the splits' ranges apart
 _FINAL_LINE = re.compile(r"\n####[^\n]*\Z")
 
 
@@ -63,13 +64,13 @@ def build_gsm_splits(train_size: int, eval_size: int, *, seed: int = 0,
     if not 0.0 <= corrupt_fraction <= 1.0:
         raise ValueError(f"--corrupt-fraction must be in [0, 1], got {corrupt_fraction!r}")
 
-    train_seed = 2 * seed * _SEED_STRIDE
-    eval_seed = train_seed + _SEED_STRIDE
+    train_seed = 2 * seed * SEED_STRIDE
+    eval_seed = train_seed + SEED_STRIDE
     seen: set[str] = set()
     eval_rows = [_row(item, eval_seed, idx)
-                 for idx, item in _unique_problems(eval_seed, eval_size, seen)]
+                 for idx, item in unique_problems(eval_seed, eval_size, seen)]
     train_rows = [_row(item, train_seed, idx)
-                  for idx, item in _unique_problems(train_seed, train_size, seen)]
+                  for idx, item in unique_problems(train_seed, train_size, seen)]
 
     rng = random.Random(f"q_tuning.gsm_symbolic.corrupt:{seed}")
     n_corrupt = math.floor(corrupt_fraction * train_size + 0.5)
@@ -85,16 +86,18 @@ def _question_key(question: str) -> str:
     return " ".join(question.split()).lower()
 
 
-def _unique_problems(rg_seed: int, n: int, seen: set[str]) -> list[tuple[int, dict]]:
-    """The first n problems of the reasoning-gym set `rg_seed` whose question is not in `seen`
-    (which is updated). Items depend only on (rg_seed, index), so growing the set is safe."""
+def unique_problems(rg_seed: int, n: int, seen: set[str], task: str = "gsm_symbolic",
+                    **options: Any) -> list[tuple[int, dict]]:
+    """The first n problems of the reasoning-gym set `task` (seed `rg_seed`, `options`) whose
+    question is not in `seen` (which is updated). Items depend only on (rg_seed, index), so
+    growing the set is safe."""
     import reasoning_gym
 
     if n == 0:
         return []
     size = n + n // 4 + 16
     while True:
-        dataset = reasoning_gym.create_dataset("gsm_symbolic", size=size, seed=rg_seed)
+        dataset = reasoning_gym.create_dataset(task, size=size, seed=rg_seed, **options)
         taken, keys = [], set()
         for idx in range(size):
             item = dataset[idx]
@@ -107,7 +110,7 @@ def _unique_problems(rg_seed: int, n: int, seen: set[str]) -> list[tuple[int, di
                 seen.update(keys)
                 return taken
         if size > 20 * n + 1000:
-            raise RuntimeError(f"reasoning-gym gsm_symbolic (seed {rg_seed}) gave only "
+            raise RuntimeError(f"reasoning-gym {task} (seed {rg_seed}) gave only "
                                f"{len(taken)} distinct new questions out of {size}")
         size *= 2
 
