@@ -1,184 +1,245 @@
-"""Q-Tuning configuration: one validated dataclass, and the Megatron-style flags that fill it.
+"""Q-Tuning configuration: one table of settings, the validated dataclass it defines, and the
+Megatron-style flags it generates.
 
-`add_q_tuning_args(parser)` has the signature of Megatron-LM's `extra_args_provider`
-(`parser -> parser`), so the flags can be added to an existing Megatron-LM script unchanged.
+Public API:
+    QTuningConfig                 every `--q-tuning-*` setting, validated in `__post_init__`
+    RunShape                      run-time facts the pruner needs (batch shape, planned steps)
+    add_q_tuning_args(parser)     Megatron-LM's `extra_args_provider` signature
+    SETTINGS                      the table: flag, help, check and choices of every setting
+    positive_int                  argparse type for integer flags >= 1
+
+Each entry of `SETTINGS` is the single source of its setting: the argparse type (which parses
+the text and runs the same check, so a bad value fails at parse time, exit status 2, naming the
+flag), the choices shown in `--help`, and the dataclass check (which names the flag too, for
+configurations built in Python). Torch is not imported here: parsing flags stays cheap.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import math
 from typing import Any, Callable
 
 BATCH_POLICIES = ("shrink", "refill")
 SCORING_METHODS = ("fused", "logits")
-# q_tuning.strategies.STRATEGIES, repeated here so the flags parse without importing torch code.
-# SPEC section 7's options (used by q_tuning.selection and q_tuning.token_pruning).
-SELECTION_RULES = ("paper", "exact")
+SELECTION_RULES = ("paper", "exact")  # SPEC section 7 (paper) and section 3 (exact)
 TOKEN_BUDGETS = ("per-sample", "global")
 ENTROPY_SCOPES = ("response", "sequence")
+# q_tuning.strategies.STRATEGIES, repeated here so the flags parse without importing torch code
+# (tests/test_config.py checks that the two agree).
 STRATEGY_NAMES = ("eu_plane", "random", "ppl_high", "ppl_low", "entropy_high", "entropy_low",
                   "infobatch")
 
 
+# --- checks: value -> value, or ValueError saying what is expected ---------------------------------
+
+def _interval(low: float, high: float, *, low_open: bool = False, high_open: bool = False
+              ) -> Callable[[Any], float]:
+    text = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value) \
+                or not ((low < value) if low_open else (low <= value)) \
+                or not ((value < high) if high_open else (value <= high)):
+            raise ValueError(f"must be in {text}, got {value!r}")
+        return float(value)
+
+    return check
+
+
+def _at_least_one(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _optional(check: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else check(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {value!r}")
+    return value
+
+
+def _one_of(choices: tuple[str, ...]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise ValueError(f"must be one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    return check
+
+
+def _strategy(value: Any) -> str:
+    """A built-in name, or `module.path.function` that imports (checked now, not after the model
+    has loaded)."""
+    if value in STRATEGY_NAMES:
+        return value
+    module_name, _, attr = str(value).rpartition(".")
+    if not isinstance(value, str) or not module_name or not attr:
+        raise ValueError(f"unknown strategy {value!r}; use one of {', '.join(STRATEGY_NAMES)} "
+                         "or a function as module.path.function")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{value}: cannot import it ({e})") from None
+    if not callable(fn):
+        raise ValueError(f"{value}: {type(fn).__name__} is not callable")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One `--q-tuning-*` setting: its flag, help text, check and (for string settings) choices."""
+
+    field: str
+    help: str
+    check: Callable[[Any], Any]
+    parse: Callable[[str], Any] = float  # text -> value, before the check
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--q-tuning-" + self.field.replace("_", "-")
+
+    def validate(self, value: Any) -> Any:
+        """The checked value; ValueError naming the flag otherwise."""
+        try:
+            return self.check(value)
+        except ValueError as e:
+            raise ValueError(f"{self.flag} {e}") from None
+
+    def argparse_type(self, text: str) -> Any:
+        try:
+            value = self.parse(text)
+        except ValueError:
+            kind = "a number" if self.parse is float else "an integer"
+            raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        try:
+            return self.check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("sample_keep_ratio", "Fraction of the global batch's samples kept, in (0, 1].",
+            _interval(0, 1, low_open=True)),
+    Setting("token_keep_ratio", "Fraction of response tokens kept in Q2 samples, in (0, 1].",
+            _interval(0, 1, low_open=True)),
+    Setting("neighbor_lambda", "Weight of the neighbours' perplexity in the token score, in "
+            "[0, 1].", _interval(0, 1)),
+    Setting("bisect_max_iter", "Bisection steps on the quantile level (integer >= 1).",
+            _at_least_one, int),
+    Setting("selection", "paper: the official code's rule (corners below level 0.49, then the "
+            "most off-diagonal samples); exact: exactly k from the corners, the level may pass "
+            "0.5.", _one_of(SELECTION_RULES), str, SELECTION_RULES),
+    Setting("token_budget", "per-sample: each Q2 sample keeps its token keep ratio; global: the "
+            "step trains on sample ratio x token ratio of the global batch's loss tokens (Q4 "
+            "whole, Q2 tokens ranked across samples).", _one_of(TOKEN_BUDGETS), str,
+            TOKEN_BUDGETS),
+    Setting("entropy_scope", "response: a sample's entropy over its loss tokens; sequence: over "
+            "every target position, prompt included (the official code).",
+            _one_of(ENTROPY_SCOPES), str, ENTROPY_SCOPES),
+    Setting("batch_policy", "shrink: train on the kept part of each scored batch; refill: score "
+            "until a full batch of kept samples is collected.", _one_of(BATCH_POLICIES), str,
+            BATCH_POLICIES),
+    Setting("scoring_micro_batch_size", "Micro-batch size of the no-grad scoring forward "
+            "(default: derived from the training micro-batch size).",
+            _optional(_at_least_one), int),
+    Setting("scoring_method", "fused: per-token statistics from the final hidden states through "
+            "the output weight, response positions only, never forming the logits; logits: from "
+            "the model's logits (reference).", _one_of(SCORING_METHODS), str, SCORING_METHODS),
+    Setting("strategy", "Which samples/tokens to train on: eu_plane (Q-Tuning), or a baseline "
+            "under identical conditions: random, ppl_high, ppl_low, entropy_high, entropy_low, "
+            "infobatch; or module.path.function for your own rule (contract in "
+            "q_tuning.strategies).", _strategy, str, metavar="NAME|MODULE.FN"),
+    Setting("seed", "Seed of the random draws of the random and infobatch strategies.",
+            _integer, int),
+    Setting("infobatch_prune_ratio", "InfoBatch: probability of dropping a below-mean-loss "
+            "sample, in [0, 1).", _interval(0, 1, high_open=True)),
+    Setting("infobatch_anneal", "InfoBatch: share of the run's final steps trained on full data, "
+            "in [0, 1].", _interval(0, 1)),
+)
+
+
 @dataclasses.dataclass(kw_only=True, slots=True)
 class QTuningConfig:
-    """Parameters of SPEC section 6 plus the batch policy of section 5."""
+    """The `--q-tuning-*` settings (SPEC section 6 and 7, the batch policy of section 5, scoring
+    and baselines). Every field is checked by its `SETTINGS` entry."""
 
-    enabled: bool = True
     sample_keep_ratio: float = 0.5
     token_keep_ratio: float = 0.7
     neighbor_lambda: float = 0.5
     bisect_max_iter: int = 10
-    # SPEC section 7: the official code's selection rule (default), token budget and entropy scope
     selection: str = "paper"
     token_budget: str = "per-sample"
     entropy_scope: str = "response"
     batch_policy: str = "shrink"
     # Scoring stores no activations, so it may use larger micro-batches than training.
-    # None: use the training micro-batch size.
     scoring_micro_batch_size: int | None = None
-    # fused: statistics from the final hidden states through the output weight, block by block,
-    # response positions only; logits: from the model's logits (reference, and the fallback).
     scoring_method: str = "fused"
-    # eu_plane (Q-Tuning), a baseline of q_tuning.strategies, or a user's module.path.function.
     strategy: str = "eu_plane"
-    seed: int = 1234  # random draws of the random/infobatch strategies (same on every rank)
+    seed: int = 1234
     infobatch_prune_ratio: float = 0.5
     infobatch_anneal: float = 0.125
 
     def __post_init__(self) -> None:
-        _check_ratio(self.sample_keep_ratio, "--q-tuning-sample-keep-ratio", lower_open=True)
-        _check_ratio(self.token_keep_ratio, "--q-tuning-token-keep-ratio", lower_open=True)
-        _check_ratio(self.neighbor_lambda, "--q-tuning-neighbor-lambda", lower_open=False)
-        if isinstance(self.bisect_max_iter, bool) or not isinstance(self.bisect_max_iter, int) \
-                or self.bisect_max_iter < 1:
-            raise ValueError(
-                f"--q-tuning-bisect-max-iter must be an integer >= 1, got {self.bisect_max_iter!r}")
-        for name, choices in (("selection", SELECTION_RULES), ("token_budget", TOKEN_BUDGETS),
-                              ("entropy_scope", ENTROPY_SCOPES)):
-            if getattr(self, name) not in choices:
-                raise ValueError(f"--q-tuning-{name.replace('_', '-')} must be one of {choices}, "
-                                 f"got {getattr(self, name)!r}")
-        if self.batch_policy not in BATCH_POLICIES:
-            raise ValueError(
-                f"--q-tuning-batch-policy must be one of {BATCH_POLICIES}, got {self.batch_policy!r}")
-        if self.scoring_method not in SCORING_METHODS:
-            raise ValueError(f"--q-tuning-scoring-method must be one of {SCORING_METHODS}, "
-                             f"got {self.scoring_method!r}")
-        if not isinstance(self.strategy, str) or not (
-                self.strategy in STRATEGY_NAMES or "." in self.strategy.strip(".")):
-            raise ValueError(f"--q-tuning-strategy must be one of {STRATEGY_NAMES} or a function "
-                             f"as module.path.function, got {self.strategy!r}")
-        if not 0.0 <= self.infobatch_prune_ratio < 1.0:  # NaN too; 1 would prune and rescale by 1/0
-            raise ValueError("--q-tuning-infobatch-prune-ratio must be in [0, 1), got "
-                             f"{self.infobatch_prune_ratio!r}")
-        _check_ratio(self.infobatch_anneal, "--q-tuning-infobatch-anneal", lower_open=False)
-        if self.scoring_micro_batch_size is not None and self.scoring_micro_batch_size < 1:
-            raise ValueError("--q-tuning-scoring-micro-batch-size must be an integer >= 1, "
-                             f"got {self.scoring_micro_batch_size!r}")
+        for setting in SETTINGS:
+            object.__setattr__(self, setting.field, setting.validate(getattr(self, setting.field)))
 
     @classmethod
     def from_args(cls, args: Any) -> "QTuningConfig":
-        """Build from a parsed Megatron-style `args` namespace (underscored attribute names)."""
-        defaults = cls()
-        return cls(
-            enabled=bool(getattr(args, "enable_q_tuning", True)),
-            **{f.name: getattr(args, "q_tuning_" + f.name, getattr(defaults, f.name))
-               for f in dataclasses.fields(cls) if f.name != "enabled"},
-        )
+        """From a parsed Megatron-style `args` namespace (`q_tuning_<field>` attributes; absent
+        ones keep their defaults)."""
+        return cls(**{s.field: getattr(args, "q_tuning_" + s.field)
+                      for s in SETTINGS if hasattr(args, "q_tuning_" + s.field)})
 
 
-def _check_ratio(value: float, flag: str, *, lower_open: bool) -> None:
-    ok = (0.0 < value <= 1.0) if lower_open else (0.0 <= value <= 1.0)
-    if not ok:
-        interval = "(0, 1]" if lower_open else "[0, 1]"
-        raise ValueError(f"{flag} must be in {interval}, got {value!r}")
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunShape:
+    """Run-time facts the pruner needs, given by the entry point that knows them."""
 
+    micro_batch_size: int = 1  # training micro-batch size (sizes the scoring micro-batches)
+    seq_length: int | None = None  # longest sample accepted
+    max_tokens_per_row: int | None = None  # packed rows (--max-tokens-per-gpu), else None
+    total_steps: int | None = None  # the run's planned steps (InfoBatch anneals over the last)
 
-def _ranged_float(lower_open: bool) -> Callable[[str], float]:
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        ok = (0.0 < value <= 1.0) if lower_open else (0.0 <= value <= 1.0)
-        if not ok:
-            interval = "(0, 1]" if lower_open else "[0, 1]"
-            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
-        return value
-
-    return parse
+    @classmethod
+    def from_args(cls, args: Any, *, total_steps: int | None = None) -> "RunShape":
+        """From Megatron/slime flags: --micro-batch-size, --seq-length, --train-iters and
+        --max-tokens-per-gpu (with --use-dynamic-batch-size)."""
+        dynamic = getattr(args, "use_dynamic_batch_size", False)
+        return cls(micro_batch_size=getattr(args, "micro_batch_size", None) or 1,
+                   seq_length=getattr(args, "seq_length", None),
+                   max_tokens_per_row=getattr(args, "max_tokens_per_gpu", None) if dynamic
+                   else None,
+                   total_steps=total_steps or getattr(args, "train_iters", None))
 
 
 def positive_int(text: str) -> int:
     """argparse type for flags that take an integer >= 1."""
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
+        return _at_least_one(int(text))
+    except ValueError as e:
+        message = str(e) if "must be" in str(e) else f"expected an integer >= 1, got {text!r}"
+        raise argparse.ArgumentTypeError(message) from None
 
 
 def add_q_tuning_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the Q-Tuning flags in their own argument group; usable as `extra_args_provider`.
-
-    Out-of-range values fail at parse time; argparse names the flag in the message.
-    """
-    d = QTuningConfig()
+    """Add `--enable-q-tuning` and the `SETTINGS` flags in their own argument group; usable as
+    Megatron-LM's `extra_args_provider`. Bad values fail at parse time naming the flag."""
+    defaults = QTuningConfig()
     group = parser.add_argument_group(title="q-tuning", description="Q-Tuning joint sample and "
                                       "token pruning (arXiv 2509.23873)")
     group.add_argument("--enable-q-tuning", action="store_true",
                        help="Score every step's batch on the Error-Uncertainty plane and train only "
                             "on the kept samples/tokens.")
-    group.add_argument("--q-tuning-sample-keep-ratio", type=_ranged_float(True),
-                       default=d.sample_keep_ratio,
-                       help="Fraction of the global batch's samples kept, in (0, 1].")
-    group.add_argument("--q-tuning-token-keep-ratio", type=_ranged_float(True),
-                       default=d.token_keep_ratio,
-                       help="Fraction of response tokens kept in Q2 samples, in (0, 1].")
-    group.add_argument("--q-tuning-neighbor-lambda", type=_ranged_float(False),
-                       default=d.neighbor_lambda,
-                       help="Weight of the neighbours' perplexity in the token score, in [0, 1].")
-    group.add_argument("--q-tuning-bisect-max-iter", type=positive_int, default=d.bisect_max_iter,
-                       help="Bisection steps on the quantile level (integer >= 1).")
-    group.add_argument("--q-tuning-selection", choices=SELECTION_RULES, default=d.selection,
-                       help="paper: the official code's rule (corners below level 0.49, then the "
-                            "most off-diagonal samples); exact: exactly k from the corners, the "
-                            "level may pass 0.5.")
-    group.add_argument("--q-tuning-token-budget", choices=TOKEN_BUDGETS, default=d.token_budget,
-                       help="per-sample: each Q2 sample keeps its token keep ratio; global: the "
-                            "step trains on sample ratio x token ratio of the global batch's loss "
-                            "tokens (Q4 whole, Q2 tokens ranked across samples).")
-    group.add_argument("--q-tuning-entropy-scope", choices=ENTROPY_SCOPES,
-                       default=d.entropy_scope,
-                       help="response: a sample's entropy over its loss tokens; sequence: over "
-                            "every target position, prompt included (the official code).")
-    group.add_argument("--q-tuning-batch-policy", choices=BATCH_POLICIES, default=d.batch_policy,
-                       help="shrink: train on the kept part of each scored batch; refill: score "
-                            "until a full batch of kept samples is collected.")
-    group.add_argument("--q-tuning-scoring-micro-batch-size", type=positive_int, default=None,
-                       help="Micro-batch size of the no-grad scoring forward (default: the "
-                            "training micro-batch size).")
-    group.add_argument("--q-tuning-scoring-method", choices=SCORING_METHODS,
-                       default=d.scoring_method,
-                       help="fused: per-token statistics from the final hidden states through the "
-                            "output weight, response positions only, never forming the logits; "
-                            "logits: from the model's logits (reference).")
-    group.add_argument("--q-tuning-strategy", default=d.strategy, metavar="NAME|MODULE.FN",
-                       help="Which samples/tokens to train on: eu_plane (Q-Tuning), or a baseline "
-                            "under identical conditions: random, ppl_high, ppl_low, entropy_high, "
-                            "entropy_low, infobatch; or module.path.function for your own rule "
-                            "(contract in q_tuning.strategies).")
-    group.add_argument("--q-tuning-seed", type=int, default=d.seed,
-                       help="Seed of the random draws of the random and infobatch strategies.")
-    group.add_argument("--q-tuning-infobatch-prune-ratio", type=_ranged_float(False),
-                       default=d.infobatch_prune_ratio,
-                       help="InfoBatch: probability of dropping a below-mean-loss sample, in "
-                            "[0, 1).")
-    group.add_argument("--q-tuning-infobatch-anneal", type=_ranged_float(False),
-                       default=d.infobatch_anneal,
-                       help="InfoBatch: share of the run's final steps trained on full data.")
+    for s in SETTINGS:
+        group.add_argument(s.flag, type=s.argparse_type, default=getattr(defaults, s.field),
+                           choices=s.choices, metavar=s.metavar, help=s.help)
     return parser

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 
 # Shared with token_nll_entropy so that both paths compute the same per-block values and combine
-# shards the same way: `_chunk_stats(rows, local_targets, buffers[2, n, v], out[4, n])`,
-# `_combine_shards(stats[4, N], owned, group)`; `_STATS` names the rows of `[4, N]` stats.
-from q_tuning.token_stats import _STATS, _check_targets, _chunk_stats, _combine_shards
+# shards the same way (q_tuning.lse_stats).
+from q_tuning.lse_stats import STAT_ROWS, check_targets, chunk_stats, merge_shards
+from q_tuning.parallel import comm
 
 __all__ = ["fused_nll_entropy", "fused_workspace_bytes"]
 
@@ -86,11 +86,10 @@ def fused_nll_entropy(
         holds the output layer). The target check is one host sync per call.
     """
     _check_inputs(hidden, weight, targets, bias, chunk_tokens, chunk_vocab)
-    tp_size, tp_rank = (1, 0) if tp_group is None else (dist.get_world_size(tp_group),
-                                                        dist.get_rank(tp_group))
+    tp_size, tp_rank = comm.size_and_rank(tp_group)
     v_local = weight.shape[0]
     vocab_start = tp_rank * v_local
-    _check_targets(targets, v_local * tp_size)
+    check_targets(targets, v_local * tp_size)
 
     compute_dtype = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():
@@ -112,7 +111,7 @@ def fused_nll_entropy(
                          logits_buffer, work, block_stats, stats[:, lo:lo + rows.shape[0]])
         if tp_size > 1:
             owned = (local_targets >= 0) & (local_targets < v_local)
-            _combine_shards(stats, owned, tp_group)
+            merge_shards(stats, owned, tp_group)
         _, sum_exp, sum_ed, target_logit = _named_rows(stats)
         log_sum_exp = sum_exp.log()
         nll = log_sum_exp - target_logit
@@ -149,7 +148,7 @@ def _token_chunk(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         if bias is not None:  # added after the product, as ColumnParallelLinear does (2 roundings)
             logits.add_(bias[v0:v0 + vc])
         dest = out if v0 == 0 else block_stats[:, :c]
-        _chunk_stats(logits, local_targets - v0, work[:2 * c * vc].view(2, c, vc), dest)
+        chunk_stats(logits, local_targets - v0, work[:2 * c * vc].view(2, c, vc), dest)
         if v0:
             _merge_block(out, dest, local_targets, v0, vc)
 
@@ -158,9 +157,9 @@ def _merge_block(running: torch.Tensor, block: torch.Tensor, local_targets: torc
                  v0: int, vc: int) -> None:
     """Fold the stats of vocabulary block `[v0, v0 + vc)` into the running stats (in place).
 
-    Both are `[4, c]` (rows as `_STATS`): max m, S = sum exp(z - m), T = sum exp(z - m)(z - m),
+    Both are `[4, c]` (rows as `STAT_ROWS`): max m, S = sum exp(z - m), T = sum exp(z - m)(z - m),
     target logit - m (0 if the target is elsewhere). With M = max(m_a, m_b) and d = m - M <= 0:
-    S = sum e^d S_i and T = sum e^d (T_i + d S_i), the algebra `_combine_shards` uses across TP.
+    S = sum e^d S_i and T = sum e^d (T_i + d S_i), the algebra `merge_shards` uses across TP.
     """
     run_max, run_s, run_t, run_tgt = _named_rows(running)
     blk_max, blk_s, blk_t, blk_tgt = _named_rows(block)
@@ -176,8 +175,8 @@ def _merge_block(running: torch.Tensor, block: torch.Tensor, local_targets: torc
 
 
 def _named_rows(stats: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """(max, sum_exp, sum_ed, target) rows of `[4, N]` stats laid out as `_STATS` says."""
-    return tuple(stats[_STATS.index(name)] for name in ("max", "sum_exp", "sum_ed", "target"))
+    """(max, sum_exp, sum_ed, target) rows of `[4, N]` stats laid out as `STAT_ROWS` says."""
+    return tuple(stats[STAT_ROWS.index(name)] for name in ("max", "sum_exp", "sum_ed", "target"))
 
 
 def _block_shape(n: int, v_local: int, device: torch.device, chunk_tokens: int | None,

@@ -1,4 +1,4 @@
-"""QTuningPruner: score, select on the global batch, prune Q2 tokens, rebalance over DP.
+"""QTuningPruner: score, gather over DP, decide, prune tokens, run hooks, rebalance, report.
 
 `prune(model, batch)` is called on every rank, inside an initialized megatron-core
 `parallel_state`, with this DP rank's share of the step's samples (the same batch on every TP, PP
@@ -7,14 +7,18 @@ masks pruned; dropped samples are gone from the returned batch, so the gradient 
 them (the compute saving). The decision is taken on the whole global batch and is bit-identical
 on every rank:
 
-- scoring: `parallel.scoring.score_samples` (TP/PP/CP inside, see its docstring);
-- DP: per-sample sums (nll, entropy, tokens, length) are all-gathered in DP-rank order; every rank
-  runs the strategy (`select_samples` for Q-Tuning, or a baseline of `q_tuning.strategies`) on the
-  identical global tensor;
-- tokens: each rank prunes its own Q2 samples with `token_keep_mask` (it holds their per-token
-  statistics), before the samples move; baselines may prune tokens at random or weight losses;
-- rebalance: kept samples are reassigned so every DP rank gets the same count (+-1) and near-equal
-  tokens (`parallel.rebalance`).
+1. score (`_score`): `parallel.scoring.score_samples`, TP/PP/CP inside (see its docstring);
+2. gather (`_gather`): per-sample sums (NLL, entropy, loss tokens, length) all-gathered over DP in
+   DP-rank order;
+3. decide (`_select`): every rank runs the strategy (`select_samples` for Q-Tuning, or a baseline
+   of `q_tuning.strategies`) on the identical global tensor;
+4. token masks (`_pruned_masks`): each rank prunes its own Q2 samples (it holds their per-token
+   statistics), before the samples move; under the global token budget the Q2 token scores are
+   all-gathered over DP first; baselines may prune tokens at random or weight losses;
+5. hooks (`_run_hooks`): slime-style postprocess hooks see this rank's scored samples;
+6. rebalance (`_rebalance`): kept samples are reassigned so every DP rank gets the same count
+   (+-1) and near-equal tokens (`parallel.rebalance`);
+7. report: a `StepReport`, logged on global rank 0.
 Bad input is detected on every rank and agreed on before any collective, so it raises the same
 error everywhere instead of hanging.
 """
@@ -27,15 +31,18 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from q_tuning.config import STRATEGY_NAMES, QTuningConfig
+from q_tuning.config import STRATEGY_NAMES, QTuningConfig, RunShape
 from q_tuning.parallel import comm
 from q_tuning.parallel.rebalance import assign_to_ranks, filler_sample, gather_kept
 from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples, target_masks
+from q_tuning.report import StepReport, Thresholds, format_report
 from q_tuning.selection import SampleSelection, sample_ppl_entropy
 from q_tuning.strategies import (StrategyDecision, StrategyInputs, TokenPruning, decide,
-                                 needs_scores, random_token_keep_mask, resolve_strategy,
-                                 seeded_generator)
+                                 needs_scores, random_token_keep_mask, seeded_generator)
 from q_tuning.token_pruning import budget_keep, global_token_budget, token_keep_mask, token_scores
+
+# Columns of the per-sample sums gathered over DP (`_sample_sums`).
+NLL, ENTROPY, LOSS_TOKENS, LENGTH, ENTROPY_TOKENS = range(5)
 
 
 @dataclasses.dataclass
@@ -51,124 +58,177 @@ class StepDecision:
     local_loss_masks: list[torch.Tensor]  # this rank's masks after token pruning (all samples)
 
 
-class QTuningPruner:
-    """Q-Tuning in front of a megatron-core gradient step. See the module docstring."""
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    """Per-sample sums of the whole global batch (`[N, 5]`, DP-rank-major) and where this DP
+    rank's samples sit in it."""
 
-    def __init__(self, config: QTuningConfig | Any, *, micro_batch_size: int | None = None,
-                 seq_length: int | None = None, max_tokens_per_gpu: int | None = None,
-                 log: bool = True, hooks: Sequence[Callable] = (), hook_args: Any = None,
-                 total_steps: int | None = None) -> None:
-        if isinstance(config, QTuningConfig):
-            self.config = config
-        else:  # a parsed Megatron-style args namespace
-            self.config = QTuningConfig.from_args(config)
-            micro_batch_size = micro_batch_size or getattr(config, "micro_batch_size", None)
-            seq_length = seq_length or getattr(config, "seq_length", None)
-            total_steps = total_steps or getattr(config, "train_iters", None)
-            if getattr(config, "use_dynamic_batch_size", False):
-                max_tokens_per_gpu = max_tokens_per_gpu or getattr(config, "max_tokens_per_gpu", None)
-        self.training_micro_batch_size = micro_batch_size or 1
-        self.seq_length = seq_length
-        self.max_tokens_per_gpu = max_tokens_per_gpu
-        self.log = log
-        # slime's --rollout-data-postprocess-path contract: hook(args, rollout_id, rollout_data)
+    sums: torch.Tensor  # float64, columns NLL, ENTROPY, LOSS_TOKENS, LENGTH, ENTROPY_TOKENS
+    counts: list[int]  # samples per DP rank
+    dp_rank: int
+
+    @property
+    def offset(self) -> int:
+        return sum(self.counts[:self.dp_rank])
+
+    @property
+    def loss_tokens(self) -> torch.Tensor:
+        return self.sums[:, LOSS_TOKENS]
+
+
+class QTuningPruner:
+    """Q-Tuning in front of a megatron-core gradient step. See the module docstring.
+
+    `config` holds the `--q-tuning-*` settings, `run` the run's shape (micro-batch size, sequence
+    length, packed-row budget, planned steps); `QTuningPruner.from_args(args)` builds both from
+    Megatron-style flags. `hooks` follow slime's `--rollout-data-postprocess-path` contract,
+    `hook(hook_args, rollout_id, rollout_data)`.
+    """
+
+    def __init__(self, config: QTuningConfig, run: RunShape = RunShape(), *, log: bool = True,
+                 hooks: Sequence[Callable] = (), hook_args: Any = None) -> None:
+        if not isinstance(config, QTuningConfig):
+            raise TypeError(f"QTuningPruner takes a QTuningConfig, got {type(config).__name__}; "
+                            "use QTuningPruner.from_args(args) for a parsed flag namespace")
+        self.config, self.run, self.log = config, run, log
         self.hooks = list(hooks)
         self.hook_args = hook_args if hook_args is not None else config
-        self.total_steps = total_steps  # InfoBatch anneals over the last steps of the run
-        resolve_strategy(self.config.strategy)  # a bad --q-tuning-strategy fails here
         self.step = 0
         self.last_decision: StepDecision | None = None
 
-    def prune(self, model: Sequence[torch.nn.Module] | torch.nn.Module, batch: dict[str, list],
-              *, keep_count: int | None = None, rollout_id: int | None = None
-              ) -> tuple[dict[str, list], dict]:
-        """Return `(new_batch, report)`; `keep_count` overrides the keep ratio (refill policy).
+    @classmethod
+    def from_args(cls, args: Any, **kwargs: Any) -> "QTuningPruner":
+        """From Megatron/slime-style parsed flags (`QTuningConfig.from_args`, `RunShape.from_args`);
+        `kwargs` go to the constructor. The flags are read here, once."""
+        kwargs.setdefault("hook_args", args)
+        return cls(QTuningConfig.from_args(args), RunShape.from_args(args), **kwargs)
 
-        Hooks given to the constructor run between the decision and the rebalance, see
-        `rollout_data`.
+    def prune(self, model: Sequence[torch.nn.Module] | torch.nn.Module, batch: dict[str, list],
+              *, keep_count: int | None = None, rollout_id: int | None = None,
+              step: int | None = None) -> tuple[dict[str, list], StepReport]:
+        """Return `(new_batch, report)`: this DP rank's share of the kept samples, and the step's
+        report. `keep_count` overrides the keep ratio (refill policy).
+
+        `step` (1-based) is the training iteration this batch belongs to, when the caller counts
+        them (a resumed or re-run step then decides exactly as before: the random strategies draw
+        from it, InfoBatch anneals by it); default: one more than the previous call. Hooks given
+        to the constructor run between the decision and the rebalance, see `rollout_data`.
         """
-        self.step += 1
+        self.step = self.step + 1 if step is None else int(step)
         start = time.perf_counter()
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         groups = ParallelGroups.from_parallel_state()
         prefix = f"Q-Tuning step {self.step}: "
         comm.agree_on_errors(self._validate(chunks, batch), prefix)
 
-        scored = needs_scores(self.config.strategy)
-        # entropy scope "sequence": every target position is scored (SPEC section 7)
-        scored_masks = batch["loss_masks"] if self.config.entropy_scope == "response" \
-            else [torch.ones_like(m) for m in batch["loss_masks"]]
-        scores = score_samples(chunks, batch["tokens"], scored_masks,
-                               rows_per_micro_batch=self.config.scoring_micro_batch_size,
-                               training_micro_batch_size=self.training_micro_batch_size,
-                               max_tokens_per_row=self.max_tokens_per_gpu,
-                               method=self.config.scoring_method, groups=groups) \
-            if scored else _unscored(batch["loss_masks"])
+        scores, sums = self._score(chunks, batch, groups)
         scoring_seconds = time.perf_counter() - start
-        sums = _sample_sums(scores, batch["tokens"], batch["loss_masks"])
-        scores = _loss_targets_only(scores, batch["loss_masks"])
+        global_batch = self._gather(sums, groups, prefix)
+        ratio, selection, strategy, ppl, ent = self._select(global_batch, keep_count, prefix)
+        masks = self._pruned_masks(strategy, global_batch, scores, batch["loss_masks"], ratio,
+                                   groups.dp)
+        self.last_decision = StepDecision(
+            selection=selection, strategy=strategy, sample_ppl=ppl, sample_entropy=ent,
+            local_offset=global_batch.offset, local_scores=scores, local_loss_masks=masks)
+        if self.hooks:
+            self._run_hooks(batch, rollout_id if rollout_id is not None else self.step, prefix)
+        new_batch, kept_tokens, fillers = self._rebalance(batch, global_batch, selection.keep,
+                                                          groups.dp)
+        report = self._report(selection, global_batch, scores, kept_tokens, fillers, keep_count,
+                              scoring_seconds, time.perf_counter() - start, groups.dp)
+        if self.log and comm.is_global_rank_zero():
+            print(format_report(report), flush=True)
+        return new_batch, report
+
+    # --- the stages ------------------------------------------------------------------------------
+
+    def _report(self, selection: SampleSelection, gb: GlobalBatch, scores: TokenScores,
+                kept_tokens: int, fillers: int, wanted: int | None, scoring_seconds: float,
+                seconds: float, dp_group) -> StepReport:
+        scored = scores.method != "none"  # the no-grad forward's work (none for `random`)
+        kept_labels = torch.where(selection.keep, selection.quadrant, 0)
+        return StepReport(
+            step=self.step, strategy=self.config.strategy,
+            quadrant_counts=selection.quadrant_counts(),
+            kept_quadrant_counts=dataclasses.replace(selection,
+                                                     quadrant=kept_labels).quadrant_counts(),
+            kept_samples=int(selection.keep.sum()), total_samples=len(gb.sums),
+            unplaceable_samples=int(selection.num_unplaceable), kept_tokens=kept_tokens,
+            total_tokens=int(gb.loss_tokens.sum()),
+            scored_samples=len(gb.sums) if scored else 0,
+            scored_tokens=int(gb.sums[:, LENGTH].sum()) if scored else 0,
+            level=float(selection.level),
+            thresholds=Thresholds.from_quantiles(selection.thresholds),
+            filler_samples=fillers, wanted_samples=wanted, scoring_seconds=scoring_seconds,
+            scoring_peak_memory_bytes=comm.max_over_group(scores.peak_memory_bytes, dp_group),
+            seconds=seconds)
+
+
+    def _score(self, chunks: list[torch.nn.Module], batch: dict[str, list],
+               groups: ParallelGroups) -> tuple[TokenScores, torch.Tensor]:
+        """(per-token statistics of this DP replica's samples over their loss targets, their
+        per-sample sums `[n, 5]`). Under --q-tuning-entropy-scope sequence every target position
+        is scored, and the entropy sums keep them all."""
+        if not needs_scores(self.config.strategy):
+            scores = _unscored(batch["loss_masks"])
+            return scores, _sample_sums(scores, batch["loss_masks"], batch["tokens"])
+        c = self.config
+        scored_masks = batch["loss_masks"] if c.entropy_scope == "response" \
+            else [torch.ones_like(m) for m in batch["loss_masks"]]
+        scores = score_samples(
+            chunks, batch["tokens"], scored_masks, rows_per_micro_batch=c.scoring_micro_batch_size,
+            training_micro_batch_size=self.run.micro_batch_size,
+            max_tokens_per_row=self.run.max_tokens_per_row, method=c.scoring_method,
+            groups=groups)
+        return (_loss_targets_only(scores, batch["loss_masks"]),
+                _sample_sums(scores, batch["loss_masks"], batch["tokens"]))
+
+    @staticmethod
+    def _gather(sums: torch.Tensor, groups: ParallelGroups, prefix: str) -> GlobalBatch:
+        """All-gather the per-sample sums over DP, in DP-rank order."""
         global_sums, counts = comm.all_gather_rows(sums, groups.dp)
         if global_sums.shape[0] == 0:
             raise ValueError(f"{prefix}the global batch is empty")
-        dp_rank = torch.distributed.get_rank(groups.dp) if counts[1:] else 0
-        offset = sum(counts[:dp_rank])
+        return GlobalBatch(sums=global_sums, counts=counts,
+                           dp_rank=comm.rank_in(groups.dp) if counts[1:] else 0)
 
-        if scored:
-            ppl, ent = sample_ppl_entropy(global_sums[:, 0], global_sums[:, 1], global_sums[:, 2],
-                                          entropy_tokens=global_sums[:, 4])
+    def _select(self, gb: GlobalBatch, keep_count: int | None, prefix: str
+                ) -> tuple[float, SampleSelection, StrategyDecision, torch.Tensor, torch.Tensor]:
+        """(keep ratio, selection, strategy decision, PPL, entropy) of the global batch."""
+        if needs_scores(self.config.strategy):
+            ppl, ent = sample_ppl_entropy(gb.sums[:, NLL], gb.sums[:, ENTROPY], gb.loss_tokens,
+                                          entropy_tokens=gb.sums[:, ENTROPY_TOKENS])
         else:  # nothing to place: the unscored rule sees NaN statistics
-            ppl, ent = (torch.full_like(global_sums[:, 0], float("nan")) for _ in range(2))
-        placed = int((global_sums[:, 2] > 0).sum())
+            ppl, ent = (torch.full_like(gb.sums[:, NLL], float("nan")) for _ in range(2))
+        placed = int((gb.loss_tokens > 0).sum())
         ratio = self.config.sample_keep_ratio if keep_count is None \
             else min(1.0, keep_count / max(placed, 1))
-        strategy = self._decide(ppl, ent, global_sums[:, 2], ratio, groups, prefix)
+        strategy = self._decide(ppl, ent, gb.loss_tokens, ratio, prefix)
         selection = dataclasses.replace(
-            strategy.selection or _unscored_selection(strategy.keep, global_sums[:, 2], ratio),
+            strategy.selection or _unscored_selection(strategy.keep, gb.loss_tokens, ratio),
             keep=strategy.keep)
-        self.last_decision = StepDecision(
-            selection=selection, strategy=strategy, sample_ppl=ppl, sample_entropy=ent,
-            local_offset=offset, local_scores=scores,
-            local_loss_masks=self._pruned_masks(strategy, offset, scores, batch["loss_masks"],
-                                                global_sums[:, 2], ratio, groups.dp))
-        if self.hooks:
-            self._run_hooks(batch, rollout_id if rollout_id is not None else self.step, prefix)
+        return ratio, selection, strategy, ppl, ent
 
-        local_kept = {offset + i: {**{f: v[i] for f, v in batch.items()},
-                                   "loss_masks": self.last_decision.local_loss_masks[i]}
-                      for i in range(len(batch["tokens"])) if bool(selection.keep[offset + i])}
-        kept_index = selection.keep.nonzero().flatten().tolist()
-        lengths = global_sums[kept_index, 3].long().tolist()
-        shares = assign_to_ranks(lengths, len(counts))
-        assignment = [[kept_index[j] for j in share] for share in shares]
-        mine, kept_tokens, fillers = self._exchange(local_kept, assignment, dp_rank, groups.dp,
-                                                    kept_index, lengths)
-        new_batch = {f: [s[f] for s in mine] for f in batch}
-        report = {
-            "step": self.step,
-            "strategy": self.config.strategy,
-            "quadrant_counts": selection.quadrant_counts(),
-            "kept_quadrant_counts": dataclasses.replace(
-                selection, quadrant=torch.where(selection.keep, selection.quadrant, 0)
-            ).quadrant_counts(),
-            "kept_samples": len(kept_index),
-            "total_samples": int(global_sums.shape[0]),
-            "unplaceable_samples": int(selection.num_unplaceable),
-            "kept_tokens": kept_tokens,
-            "total_tokens": int(global_sums[:, 2].sum()),
-            # the no-grad scoring forward's work: samples and all their tokens (0 when unscored)
-            "scored_samples": int(global_sums.shape[0]) if scored else 0,
-            "scored_tokens": int(global_sums[:, 3].sum()) if scored else 0,
-            "level": float(selection.level),
-            "thresholds": dict(zip(("ppl_low", "ppl_high", "ent_low", "ent_high"),
-                                   (float(t) for t in selection.thresholds))),
-            "filler_samples": fillers,
-            "scoring_seconds": scoring_seconds,
-            "scoring_peak_memory_bytes": comm.max_over_group(scores.peak_memory_bytes, groups.dp),
-            "seconds": time.perf_counter() - start,
-        }
-        if self.log and _is_global_rank_zero():
-            print(format_report(report), flush=True)
-        return new_batch, report
+    def _rebalance(self, batch: dict[str, list], gb: GlobalBatch, keep: torch.Tensor,
+                   dp_group) -> tuple[dict[str, list], int, int]:
+        """(this rank's share of the kept samples, kept loss tokens, filler samples): kept samples
+        move so every DP rank gets the same count (+-1) and near-equal tokens."""
+        masks = self.last_decision.local_loss_masks
+        local_kept = {gb.offset + i: {**{f: v[i] for f, v in batch.items()},
+                                      "loss_masks": masks[i]}
+                      for i in range(len(batch["tokens"])) if bool(keep[gb.offset + i])}
+        kept_index = keep.nonzero().flatten().tolist()
+        lengths = gb.sums[kept_index, LENGTH].long().tolist()
+        assignment = [[kept_index[j] for j in share]
+                      for share in assign_to_ranks(lengths, len(gb.counts))]
+        everything = gather_kept(local_kept, dp_group)
+        kept_tokens = sum(int(s["loss_masks"][1:].count_nonzero()) for s in everything.values())
+        mine = [everything[i] for i in assignment[gb.dp_rank]]
+        fillers = sum(1 for a in assignment if not a)
+        if not mine:
+            shortest = kept_index[min(range(len(lengths)), key=lambda j: (lengths[j], j))]
+            mine = [filler_sample(everything[shortest])]
+        return {f: [s[f] for s in mine] for f in batch}, kept_tokens, fillers
 
     def rollout_data(self, batch: dict[str, list]) -> dict[str, list]:
         """slime-style per-sample lists of this DP rank's scored samples, for postprocess hooks.
@@ -217,14 +277,14 @@ class QTuningPruner:
         self.last_decision.local_loss_masks = list(masks)
 
     def _decide(self, ppl: torch.Tensor, ent: torch.Tensor, num_tokens: torch.Tensor, ratio: float,
-                groups: ParallelGroups, prefix: str) -> StrategyDecision:
+                prefix: str) -> StrategyDecision:
         """The strategy's decision; a user's rule that fails or differs between ranks stops every
         rank with the same error."""
         c = self.config
         inputs = StrategyInputs(
             ppl=ppl.cpu(), entropy=ent.cpu(), num_tokens=num_tokens.cpu(), keep_ratio=ratio,
             token_keep_ratio=c.token_keep_ratio, bisect_max_iter=c.bisect_max_iter, step=self.step,
-            total_steps=self.total_steps, generator=seeded_generator(c.seed, self.step),
+            total_steps=self.run.total_steps, generator=seeded_generator(c.seed, self.step),
             options={"infobatch_prune_ratio": c.infobatch_prune_ratio,
                      "infobatch_anneal": c.infobatch_anneal}, selection_rule=c.selection)
         if c.strategy in STRATEGY_NAMES:  # built-ins are deterministic in their inputs
@@ -239,25 +299,27 @@ class QTuningPruner:
             1, ppl.numel() + 1, dtype=torch.float64)).sum(), decision.loss_weight.sum(),
             decision.token_pruning.double().sum()])
         if comm.world_disagrees(digest):
-            comm.agree_on_errors(f"--q-tuning-strategy {c.strategy} gave different decisions on "
-                                 "different ranks; draw random numbers from inputs.generator", prefix)
+            comm.agree_on_errors(f"--q-tuning-strategy {c.strategy} gave different decisions "
+                                 "on different ranks; draw random numbers from inputs.generator",
+                                 prefix)
         return decision
 
-    def _pruned_masks(self, strategy: StrategyDecision, offset: int, scores: TokenScores,
-                      loss_masks: Sequence[torch.Tensor], loss_tokens: torch.Tensor,
-                      ratio: float, dp_group) -> list[torch.Tensor]:
+    def _pruned_masks(self, strategy: StrategyDecision, gb: GlobalBatch, scores: TokenScores,
+                      loss_masks: Sequence[torch.Tensor], ratio: float,
+                      dp_group) -> list[torch.Tensor]:
         """Loss masks of this rank's samples after the strategy's token pruning and loss weights.
 
         Q-Tuning: kept Q2 samples get their highest-scoring tokens cleared, every other sample
-        keeps its mask untouched. `loss_tokens` [N_global] and `ratio` size the global budget."""
+        keeps its mask untouched. `ratio` sizes the global budget."""
+        offset = gb.offset
         masks = list(loss_masks)
         n = len(masks)
         rule = [int(strategy.token_pruning[offset + i]) if bool(strategy.keep[offset + i])
                 else TokenPruning.NONE for i in range(n)]
         scored = [i for i in range(n) if rule[i] == TokenPruning.SCORED]
         if self.config.token_budget == "global":  # a collective: every rank, Q2 rows or not
-            keep = self._global_budget_keep(strategy, offset, scores, scored, loss_tokens, ratio,
-                                            dp_group)
+            keep = self._global_budget_keep(strategy, offset, scores, scored, gb.loss_tokens,
+                                            ratio, dp_group)
         elif scored:
             keep = token_keep_mask(scores.nll[scored], scores.target_mask[scored],
                                    self.config.token_keep_ratio, self.config.neighbor_lambda)
@@ -291,22 +353,9 @@ class QTuningPruner:
                                          target.sum(1))
         everything, counts = comm.all_gather_rows(torch.stack([sample, flat], 1), dp_group)
         kept = budget_keep(everything[:, 1], everything[:, 0].long(), budget)
-        start = sum(counts[:torch.distributed.get_rank(dp_group)]) if len(counts) > 1 else 0
+        start = sum(counts[:comm.rank_in(dp_group)]) if len(counts) > 1 else 0
         mine = kept[start:start + flat.numel()]
         return torch.zeros_like(target).masked_scatter_(target, mine)
-
-    @staticmethod
-    def _exchange(local_kept: dict[int, dict], assignment: list[list[int]], dp_rank: int,
-                  dp_group, kept_index: list[int], lengths: list[int]
-                  ) -> tuple[list[dict], int, int]:
-        everything = gather_kept(local_kept, dp_group)
-        kept_tokens = sum(int(s["loss_masks"][1:].count_nonzero()) for s in everything.values())
-        mine = [everything[i] for i in assignment[dp_rank]]
-        fillers = sum(1 for a in assignment if not a)
-        if not mine:
-            shortest = kept_index[min(range(len(lengths)), key=lambda j: (lengths[j], j))]
-            mine = [filler_sample(everything[shortest])]
-        return mine, kept_tokens, fillers
 
     def _validate(self, chunks: list[torch.nn.Module], batch: dict) -> str | None:
         """This rank's first problem with the batch, or None."""
@@ -318,7 +367,7 @@ class QTuningPruner:
                 return (f"field '{field}' has {len(values)} entries but 'tokens' has {n}; every "
                         "per-sample field needs one entry per sample")
         vocab = _vocab_size(chunks[0])
-        limit = self.seq_length
+        limit = self.run.seq_length
         for i, (tok, mask) in enumerate(zip(batch["tokens"], batch["loss_masks"])):
             where = f"sample {i} of this data-parallel rank"
             if not torch.is_tensor(tok) or tok.dim() != 1 or tok.is_floating_point():
@@ -331,9 +380,9 @@ class QTuningPruner:
                 return f"{where} has no tokens"
             if limit is not None and tok.numel() > limit:
                 return f"{where} has {tok.numel()} tokens, more than --seq-length {limit}"
-            if self.max_tokens_per_gpu is not None and tok.numel() > self.max_tokens_per_gpu:
-                return (f"{where} has {tok.numel()} tokens, more than --max-tokens-per-gpu "
-                        f"{self.max_tokens_per_gpu}")
+            row = self.run.max_tokens_per_row
+            if row is not None and tok.numel() > row:
+                return f"{where} has {tok.numel()} tokens, more than --max-tokens-per-gpu {row}"
             if vocab is not None and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
                 return f"{where} has token ids outside [0, {vocab})"
         return None
@@ -362,11 +411,11 @@ def _unscored_selection(keep: torch.Tensor, num_tokens: torch.Tensor, ratio: flo
         num_empty=int((~placed).sum()), keep_ratio=ratio)
 
 
-def _sample_sums(scores: TokenScores, tokens: Sequence[torch.Tensor],
-                 loss_masks: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`[n, 5]` float64 per sample: nll sum and loss-target count over the loss targets, entropy
-    sum over the scored targets (the loss targets, or all under --q-tuning-entropy-scope
-    sequence), length, scored-target count."""
+def _sample_sums(scores: TokenScores, loss_masks: Sequence[torch.Tensor],
+                 tokens: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[n, 5]` float64 per sample (columns NLL .. ENTROPY_TOKENS): NLL sum and count over the
+    loss targets, entropy sum and count over the scored targets (`scores.target_mask`: the loss
+    targets, or every target under --q-tuning-entropy-scope sequence), length."""
     loss = target_masks(loss_masks, scores.target_mask.shape[1])
     scored = scores.target_mask
     return torch.stack([(scores.nll.double() * loss).sum(1),
@@ -389,28 +438,3 @@ def _vocab_size(chunk: torch.nn.Module) -> int | None:
     while hasattr(chunk, "module") and not hasattr(chunk, "vocab_size"):
         chunk = chunk.module
     return getattr(chunk, "vocab_size", None)
-
-
-def _is_global_rank_zero() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def format_report(report: dict) -> str:
-    """The seed's two log lines, then thresholds and timing."""
-    kept, total = report["kept_samples"], report["total_samples"]
-    t = report["thresholds"]
-    lines = [
-        f"[Q-Tuning] Quadrant distribution: {report['quadrant_counts']}",
-        f"[Q-Tuning] Kept {kept}/{total} samples ({100.0 * kept / max(total, 1):.1f}%), "
-        f"{report['kept_tokens']}/{report['total_tokens']} tokens "
-        f"({100.0 * report['kept_tokens'] / max(report['total_tokens'], 1):.1f}%)"
-        + (f", {report['unplaceable_samples']} unplaceable" if report["unplaceable_samples"] else ""),
-        (f"[Q-Tuning] strategy={report['strategy']} "
-         if report.get("strategy", "eu_plane") != "eu_plane" else "[Q-Tuning] ")
-        + f"level={report['level']:.4f} ppl=[{t['ppl_low']:.3g}, {t['ppl_high']:.3g}] "
-        f"ent=[{t['ent_low']:.3g}, {t['ent_high']:.3g}] scoring={report['scoring_seconds']:.2f}s"
-        + (f" peak={report['scoring_peak_memory_bytes'] / 2**20:.0f}MiB"
-           if report.get("scoring_peak_memory_bytes") else ""),
-    ]
-    return "\n".join(lines)

@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from q_tuning.config import SETTINGS
 from q_tuning.selection import SampleSelection, keep_count, select_samples
 
 __all__ = ["STRATEGIES", "StrategyDecision", "StrategyInputs", "TokenPruning", "decide",
@@ -171,17 +172,10 @@ def resolve_strategy(name: str) -> Callable[[StrategyInputs], object]:
     """A built-in by name, or `module.path.function` imported; errors name the flag."""
     if name in _BUILTINS:
         return _BUILTINS[name]
+    strategy = next(s for s in SETTINGS if s.field == "strategy")
+    strategy.validate(name)  # ValueError naming --q-tuning-strategy when it does not import
     module_name, _, attr = name.rpartition(".")
-    if not module_name:
-        raise ValueError(f"--q-tuning-strategy: unknown strategy {name!r}; use one of "
-                         f"{', '.join(STRATEGIES)} or a function as module.path.function")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--q-tuning-strategy {name}: cannot import it ({e})") from None
-    if not callable(fn):
-        raise ValueError(f"--q-tuning-strategy {name}: {type(fn).__name__} is not callable")
-    return fn
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def decide(name: str, inputs: StrategyInputs) -> StrategyDecision:

@@ -20,6 +20,9 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from q_tuning.lse_stats import STAT_ROWS, check_targets, chunk_stats, merge_shards
+from q_tuning.parallel import comm
+
 __all__ = ["token_nll_entropy", "token_stats_workspace_bytes"]
 
 # Default chunk, in logit elements (tokens x local vocabulary). Measured on a 2-core CPU
@@ -31,9 +34,6 @@ __all__ = ["token_nll_entropy", "token_stats_workspace_bytes"]
 _CPU_CHUNK_ELEMENTS_SINGLE_THREAD = 1 << 20
 _CPU_CHUNK_ELEMENTS_MULTI_THREAD = 1 << 24
 _CHUNK_ELEMENTS_OTHER = 1 << 26
-# Per-token rows of the `[4, N]` stats, against the max m of the (local) logits, e = exp(z - m):
-# m; sum e*(z - m) (<= 0); sum e; z[target] - m (0 where the target is in another TP shard).
-_STATS = ("max", "sum_ed", "sum_exp", "target")
 
 
 def token_nll_entropy(
@@ -74,13 +74,10 @@ def token_nll_entropy(
         The target check is one host sync per call.
     """
     _check_inputs(logits, targets, chunk_size)
-    if tp_group is None:
-        tp_size, tp_rank = 1, 0
-    else:
-        tp_size, tp_rank = dist.get_world_size(tp_group), dist.get_rank(tp_group)
+    tp_size, tp_rank = comm.size_and_rank(tp_group)
     v_local = logits.shape[-1]
     vocab_start = tp_rank * v_local
-    _check_targets(targets, v_local * tp_size)
+    check_targets(targets, v_local * tp_size)
 
     out_shape = targets.shape
     with torch.no_grad():
@@ -92,7 +89,7 @@ def token_nll_entropy(
         if chunk_size is None:
             chunk_size = max(1, _default_chunk_elements(logits.device) // v_local)
         compute_dtype = torch.promote_types(logits.dtype, torch.float32)
-        stats = torch.empty(len(_STATS), num_tokens, dtype=compute_dtype, device=logits.device)
+        stats = torch.empty(len(STAT_ROWS), num_tokens, dtype=compute_dtype, device=logits.device)
         buffers = torch.empty(2, min(chunk_size, num_tokens), v_local, dtype=compute_dtype,
                               device=logits.device)
         first = 0
@@ -100,12 +97,12 @@ def token_nll_entropy(
             for lo in range(0, block.shape[0], chunk_size):
                 rows = block[lo:lo + chunk_size]
                 n = rows.shape[0]
-                _chunk_stats(rows, targets[first:first + n] - vocab_start,
+                chunk_stats(rows, targets[first:first + n] - vocab_start,
                              buffers[:, :n], stats[:, first:first + n])
                 first += n
         if tp_size > 1:
             owned = (targets >= vocab_start) & (targets < vocab_start + v_local)
-            _combine_shards(stats, owned, tp_group)
+            merge_shards(stats, owned, tp_group)
         _, sum_ed, sum_exp, target_logit = stats
         log_sum_exp = sum_exp.log()
         nll = log_sum_exp - target_logit
@@ -125,7 +122,7 @@ def token_stats_workspace_bytes(num_tokens: int, vocab_local: int, device: torch
     if chunk_size is None:
         chunk_size = max(1, _default_chunk_elements(torch.device(device)) // max(vocab_local, 1))
     itemsize = torch.empty((), dtype=torch.promote_types(dtype, torch.float32)).element_size()
-    return itemsize * (2 * min(chunk_size, num_tokens) * vocab_local + len(_STATS) * num_tokens)
+    return itemsize * (2 * min(chunk_size, num_tokens) * vocab_local + len(STAT_ROWS) * num_tokens)
 
 
 def _default_chunk_elements(device: torch.device) -> int:
@@ -134,47 +131,6 @@ def _default_chunk_elements(device: torch.device) -> int:
     if torch.get_num_threads() == 1:
         return _CPU_CHUNK_ELEMENTS_SINGLE_THREAD
     return _CPU_CHUNK_ELEMENTS_MULTI_THREAD
-
-
-def _chunk_stats(rows: torch.Tensor, local_targets: torch.Tensor, buffers: torch.Tensor,
-                 out: torch.Tensor) -> None:
-    """Fill `out` `[4, n]` (see `_STATS`) for `rows` `[n, V_local]`; `buffers` is `[2, n, V_local]`.
-
-    Five passes over the chunk, one exp per logit; the buffers stay in cache between them.
-    """
-    shifted, exps = buffers  # each [n, V_local]
-    max_out, target_out = out[0], out[3]
-    max_out.copy_(rows.amax(dim=-1))  # exact in any dtype
-    if rows.dtype == shifted.dtype:
-        torch.sub(rows, max_out[:, None], out=shifted)  # d = z - m
-    else:  # upcast in the copy: sub() would first make a float32 copy of the chunk
-        shifted.copy_(rows).sub_(max_out[:, None])
-    v_local = rows.shape[-1]
-    owned = (local_targets >= 0) & (local_targets < v_local)  # [n]
-    index = local_targets.clamp(0, v_local - 1)[:, None]  # [n, 1]
-    target_out.copy_(shifted.gather(1, index)[:, 0]).masked_fill_(~owned, 0.0)
-    torch.exp(shifted, out=exps)  # e = exp(d)
-    shifted.mul_(exps)  # e * d <= 0
-    torch.sum(buffers, dim=-1, out=out[1:3])  # [2, n]: sum e*d and sum e in one reduction
-
-
-def _combine_shards(stats: torch.Tensor, owned: torch.Tensor, group: dist.ProcessGroup) -> None:
-    """Turn per-shard stats `[4, N]` into full-vocabulary stats, in place, identical on every rank.
-
-    Shard r has S_r = sum exp(z - m_r) and T_r = sum exp(z - m_r)(z - m_r) against its own max
-    m_r. With the global max M and c_r = exp(m_r - M) <= 1: S = sum_r c_r S_r and
-    T = sum_r c_r (T_r + (m_r - M) S_r), sums of terms of one sign (no cancellation).
-    """
-    local_max, sum_ed, sum_exp, target_logit = stats
-    global_max = local_max.clone()
-    dist.all_reduce(global_max, op=dist.ReduceOp.MAX, group=group)
-    shift = local_max - global_max  # m_r - M <= 0, [N]
-    scale = shift.exp()
-    sum_ed.add_(shift * sum_exp).mul_(scale)
-    sum_exp.mul_(scale)
-    target_logit.add_(shift.masked_fill(~owned, 0.0))
-    dist.all_reduce(stats[1:], op=dist.ReduceOp.SUM, group=group)  # [3, N] in one call
-    local_max.copy_(global_max)
 
 
 def _row_blocks(logits: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -202,13 +158,3 @@ def _check_inputs(logits: torch.Tensor, targets: torch.Tensor, chunk_size: int |
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be an integer >= 1 or None, got {chunk_size!r}")
-
-
-def _check_targets(targets: torch.Tensor, vocab_size: int) -> None:
-    """Raise ValueError for a target outside [0, vocab_size). One host sync."""
-    bad = (targets < 0) | (targets >= vocab_size)
-    if bool(bad.any()):
-        value = int(targets[bad].flatten()[0])
-        raise ValueError(f"target id {value} is outside the vocabulary [0, {vocab_size}) "
-                         f"({int(bad.sum())} bad target(s)); pass a valid id such as 0 at "
-                         f"positions whose statistics are not needed")

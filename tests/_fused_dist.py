@@ -11,7 +11,7 @@ import torch.distributed as dist
 from q_tuning import QTuningConfig, QTuningPruner
 from q_tuning.fused_stats import fused_nll_entropy
 from q_tuning.parallel import scoring
-from tests._pruner_dist import MODEL, dp_share
+from tests.harness.fixtures import MODEL, dp_share
 from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel, unwrap
 
 
@@ -112,7 +112,7 @@ def _pruned(chunks, batch, method, config: dict) -> dict:
     sel = pruner.last_decision.selection
     return {"keep": sel.keep.tolist(), "quadrant": sel.quadrant.tolist(),
             "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])},
-            "kept_tokens": report["kept_tokens"]}
+            "kept_tokens": report.kept_tokens}
 
 
 def compare_worker(rank, world_size, tp, pp, cp, vpp, tied: bool, batch: dict, config: dict,

@@ -6,7 +6,7 @@ import json
 import os
 import pathlib
 
-from tests._pruner_dist import MODEL, dp_share, global_batch
+from tests.harness.fixtures import MODEL, dp_share, global_batch
 from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel
 
 STEPS = 3
@@ -22,7 +22,7 @@ def hooks_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
     os.environ["Q_TUNING_EU_PLANE_EVERY"] = str(plot_every)
     from q_tuning import QTuningConfig, QTuningPruner
     from q_tuning.observe import gather_rollout_stats, load_hooks, log_step
-    from q_tuning.observe.hooks import _selection_of
+    from q_tuning.observe.hooks import reproduce_selection
 
     init_parallel()
     writer = None
@@ -45,8 +45,9 @@ def hooks_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
             _, report = pruner.prune(chunks, local, rollout_id=step)
             log_step(writer, report, pruner.last_decision, step, image_every=image_every)
             d = pruner.last_decision
-            recomputed = _selection_of(gather_rollout_stats(pruner.rollout_data(local)), config)
-            steps.append({"report": report, "ppl": d.sample_ppl.tolist(),
+            recomputed = reproduce_selection(gather_rollout_stats(pruner.rollout_data(local)),
+                                             config)
+            steps.append({"report": report.to_json(), "ppl": d.sample_ppl.tolist(),
                           "ent": d.sample_entropy.tolist(),
                           "quadrant": d.selection.quadrant.tolist(),
                           "keep": d.selection.keep.tolist(), "level": d.selection.level,
@@ -64,7 +65,7 @@ def observe_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
                    image_every: int, analyze_argvs: list[list[str]]):
     """`hooks_worker`, then `q-tuning-analyze` once per argv in the same process group (as under
     torchrun): one spawn and one set of imports for all the distributed checks."""
-    from q_tuning import analyze
+    from q_tuning.train import analyze
 
     steps = hooks_worker(rank, world_size, out_dir, tb_dir, plot_every, image_every)
     summaries = []

@@ -4,37 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from q_tuning import QTuningConfig, QTuningPruner
+from q_tuning import QTuningConfig, QTuningPruner, RunShape
+from tests.harness.fixtures import MODEL, dp_share, global_batch, wrap_ddp  # noqa: F401
 from tests.harness.megatron import (build_tiny_gpt, causal_attention_mask, destroy_parallel,
                                     full_state_dict, init_parallel, unwrap)
-
-MODEL = dict(vocab=96, layers=4, hidden=32, heads=4, seed=11)
-
-
-def global_batch(n: int = 12, seed: int = 3, vocab: int = MODEL["vocab"], min_len: int = 5,
-                 max_len: int = 29) -> dict:
-    """Samples of varied length: a prompt (mask 0) then a response (mask 1), every third one with
-    a second prompt turn inside the response (a gap in the mask)."""
-    g = torch.Generator().manual_seed(seed)
-    tokens, masks = [], []
-    for i in range(n):
-        length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
-        tok = torch.randint(0, vocab, (length,), generator=g)
-        mask = torch.zeros(length, dtype=torch.long)
-        prompt = int(torch.randint(1, max(2, length // 2), (1,), generator=g))
-        mask[prompt:] = 1
-        if i % 3 == 0 and length - prompt > 6:
-            mask[prompt + 2:prompt + 4] = 0
-        tokens.append(tok)
-        masks.append(mask)
-    return {"tokens": tokens, "loss_masks": masks, "uid": list(range(n))}
-
-
-def dp_share(batch: dict, dp_rank: int, dp_size: int) -> dict:
-    n = len(batch["tokens"])
-    bounds = [n * r // dp_size for r in range(dp_size + 1)]
-    return {k: v[bounds[dp_rank]:bounds[dp_rank + 1]] for k, v in batch.items()}
-
 
 def _dp():
     from megatron.core import parallel_state as ps
@@ -50,15 +23,15 @@ def _decision(pruner) -> dict:
 
 
 def prune_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
-                 pruner_kwargs: dict | None = None, prune_kwargs: dict | None = None):
+                 run: dict | None = None, prune_kwargs: dict | None = None):
     init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
     try:
         chunks = build_tiny_gpt(**MODEL)
         dp_rank, dp_size = _dp()
-        pruner = QTuningPruner(QTuningConfig(**config), log=False, **(pruner_kwargs or {}))
+        pruner = QTuningPruner(QTuningConfig(**config), RunShape(**(run or {})), log=False)
         new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size),
                                          **(prune_kwargs or {}))
-        return {**_decision(pruner), "report": report, "dp_rank": dp_rank,
+        return {**_decision(pruner), "report": report.to_json(), "dp_rank": dp_rank,
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])},
                 "new_tokens": [t.tolist() for t in new_batch["tokens"]]}
     finally:
@@ -87,21 +60,6 @@ def reference_worker(rank, world_size, batch: dict):
         destroy_parallel()
 
 
-def _wrap_ddp(chunks):
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
-
-    wrapped = []
-    for i, chunk in enumerate(chunks):
-        chunk.config.calculate_per_token_loss = True
-        chunk.config.finalize_model_grads_func = finalize_model_grads
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                   overlap_grad_reduce=False)
-        wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
-                                               module=chunk, disable_bucketing=i > 0))
-    return wrapped
-
-
 def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
                       micro_batch_size: int):
     """One pruned step: prune, then forward-backward on the new batch with DDP and the per-token
@@ -110,7 +68,7 @@ def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: di
 
     init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
     try:
-        chunks = _wrap_ddp(build_tiny_gpt(**MODEL))
+        chunks = wrap_ddp(build_tiny_gpt(**MODEL))
         dp_rank, dp_size = _dp()
         pruner = QTuningPruner(QTuningConfig(**config), log=False)
         new_batch, report = pruner.prune(chunks, dp_share(batch, dp_rank, dp_size))
@@ -123,7 +81,8 @@ def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: di
         for h in hooks:
             h.remove()
         grads = full_state_dict(chunks, grads=True)
-        return {"grads": grads, "seen_rows": seen_rows, "report": report, "dp_rank": dp_rank,
+        return {"grads": grads, "seen_rows": seen_rows, "report": report.to_json(),
+                "dp_rank": dp_rank,
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])}}
     finally:
         destroy_parallel()
@@ -151,7 +110,7 @@ def reference_grads_worker(rank, world_size, batch: dict, kept_masks: dict):
         destroy_parallel()
 
 
-def bad_input_worker(rank, world_size, case: str, pruner_kwargs: dict | None = None):
+def bad_input_worker(rank, world_size, case: str, run: dict | None = None):
     """Every rank must raise the same ValueError (no hang), whichever rank holds the bad input."""
     init_parallel()
     try:
@@ -168,13 +127,13 @@ def bad_input_worker(rank, world_size, case: str, pruner_kwargs: dict | None = N
             batch["loss_masks"][1] = batch["loss_masks"][1][:-1]
         elif case == "some_unplaceable":
             batch["loss_masks"][0] = torch.zeros_like(batch["loss_masks"][0])
-        pruner = QTuningPruner(QTuningConfig(sample_keep_ratio=0.5), log=False,
-                               **(pruner_kwargs or {}))
+        pruner = QTuningPruner(QTuningConfig(sample_keep_ratio=0.5), RunShape(**(run or {})),
+                               log=False)
         try:
             _, report = pruner.prune(chunks, batch)
         except ValueError as e:
             return {"error": str(e)}
-        return {"report": report}
+        return {"report": report.to_json()}
     finally:
         destroy_parallel()
 
@@ -208,7 +167,7 @@ def hook_worker(rank, world_size, hook_name: str):
             return {"error": str(e)}
         return {"seen": getattr(hook, "seen", None), "n_local": len(local["tokens"]),
                 "new_last_bits": [int(m[-1]) for m in new_batch["loss_masks"]],
-                "kept_tokens": report["kept_tokens"]}
+                "kept_tokens": report.kept_tokens}
     finally:
         destroy_parallel()
 
@@ -229,7 +188,7 @@ def strategy_worker(rank, world_size, config: dict, batch: dict):
             return {"error": str(e)}
         for h in hooks:
             h.remove()
-        return {**_decision(pruner), "report": report, "forwards": len(forwards),
+        return {**_decision(pruner), "report": report.to_json(), "forwards": len(forwards),
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])}}
     finally:
         destroy_parallel()

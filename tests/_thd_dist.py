@@ -3,11 +3,9 @@ megatron's PackedSeqParams, as transformer-engine's does) vs the block-diagonal 
 
 from __future__ import annotations
 
-import torch
-
 from q_tuning.parallel.scoring import score_samples
 from q_tuning.parallel.training import forward_backward
-from tests._pruner_dist import MODEL, _wrap_ddp, global_batch
+from tests.harness.fixtures import MODEL, global_batch, wrap_ddp
 from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
                                     init_parallel, unwrap)
 
@@ -21,7 +19,7 @@ def compare_worker(rank, world_size, tp: int):
         batch = global_batch(10)
         out = {}
         for name, thd in (("mask", False), ("thd", True)):
-            chunks = _wrap_ddp(build_tiny_gpt(**MODEL, thd_attention=thd))
+            chunks = wrap_ddp(build_tiny_gpt(**MODEL, thd_attention=thd))
             calls = []
             hooks = [m.register_forward_pre_hook(
                 lambda mod, args, kwargs: calls.append(kwargs.get("packed_seq_params") is not None),
@@ -38,7 +36,7 @@ def compare_worker(rank, world_size, tp: int):
             out[name] = {"nll": scores.nll, "entropy": scores.entropy,
                          "loss": [tuple(float(x) for x in o["lm loss"]) for o in losses],
                          "grads": full_state_dict(chunks, grads=True), "thd_calls": calls}
-        unpacked = score_samples(_wrap_ddp(build_tiny_gpt(**MODEL)), batch["tokens"],
+        unpacked = score_samples(wrap_ddp(build_tiny_gpt(**MODEL)), batch["tokens"],
                                  batch["loss_masks"])
         out["unpacked"] = {"nll": unpacked.nll, "entropy": unpacked.entropy}
         return out

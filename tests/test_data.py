@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from q_tuning.train.assets import load_tokenizer
-from q_tuning.train.data import (DataError, Sample, SFTDataset, load_sft_samples,
+from q_tuning.train.data import (DataError, DataStats, Sample, SFTDataset, load_sft_samples,
                                  read_conversations, tokenize_conversation)
 from q_tuning.train.gsm_symbolic import build_gsm_splits, main as gsm_main
 
@@ -158,6 +158,50 @@ def test_truncation_counts(tok, tmp_path):
     assert (stats.samples, stats.truncated, stats.skipped_too_long) == (1, 0, 1)
     with pytest.raises(ValueError, match="--seq-length"):
         load_sft_samples(path, tok, seq_length=1)
+
+
+def test_skips_name_file_and_line_and_strict_data_rejects_them(tok, tmp_path):
+    """The rules of the data module's docstring: no assistant turn and no assistant token within
+    --seq-length are skipped (the summary names the first file:line of each kind), a long record
+    with a target left is truncated and kept; strict=True turns the skips into one DataError
+    that starts with the first skipped record and lists them."""
+    row = {"prompt": "Name a colour.", "response": "Blue."}  # 38 tokens, targets 34-36
+    no_answer = {"messages": [{"role": "user", "content": "hello?"}]}
+    long_prompt = {"prompt": "Name a colour. " * 20, "response": "Blue."}
+    path = write_jsonl(tmp_path / "d.jsonl", [row, no_answer, long_prompt, row, no_answer])
+    samples, stats = load_sft_samples(path, tok, seq_length=36)
+    assert [s.source for s in samples] == [f"{path}:1", f"{path}:4"]
+    assert (stats.skipped, stats.skipped_no_assistant, stats.skipped_too_long,
+            stats.truncated) == (3, 2, 1, 2)
+    summary = stats.summary(36)
+    assert f"2 skipped (no assistant turn) [{path}:2, {path}:5]" in summary
+    assert f"2 truncated to --seq-length 36 [{path}:1, {path}:4]" in summary
+    assert f"1 skipped (no assistant token within --seq-length 36) [{path}:3]" in summary
+
+    with pytest.raises(DataError) as err:
+        load_sft_samples(path, tok, seq_length=36, strict=True)
+    assert str(err.value) == (
+        f"{path}:2: no assistant turn (--strict-data: 3 record(s) would be skipped: "
+        f"{path}:2 (no assistant turn); {path}:3 (no assistant token within --seq-length 36); "
+        f"{path}:5 (no assistant turn))")
+    # strict does not object to truncation, only to skips
+    samples, _ = load_sft_samples(write_jsonl(tmp_path / "e.jsonl", [row]), tok, 36, strict=True)
+    assert samples[0].truncated
+
+
+def test_summary_lists_the_first_few_and_counts_the_rest():
+    stats = DataStats(files=("a.jsonl",), records=9, skipped_no_assistant=7)
+    for line in range(1, 8):
+        stats.note("no assistant turn", f"a.jsonl:{line}")
+    assert ("7 skipped (no assistant turn) [a.jsonl:1, a.jsonl:2, a.jsonl:3, a.jsonl:4, "
+            "a.jsonl:5 and 2 more]") in stats.summary()
+
+
+def test_digest_tells_datasets_apart():
+    a, b = make_dataset(), make_dataset()
+    assert a.digest() == b.digest()
+    other = SFTDataset(list(a.samples[:-1]), seed=1234)
+    assert other.digest() != a.digest()
 
 
 # ----------------------------------------------------------------------------- dataset

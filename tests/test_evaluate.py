@@ -171,7 +171,6 @@ def test_nll_equals_a_naive_reference(tiny):
     _, _, model, tokenizer = tiny
     got = E.reference_nll(model, tokenizer, ROWS, batch_size=2)
     with torch.inference_mode():
-        is_number = E.digit_tokens(tokenizer)
         for row, (nll_sum, count, number_sum, number_count) in zip(ROWS, got):
             tokens, mask = tokenize_conversation(tokenizer, [
                 {"role": "user", "content": row["prompt"]},

@@ -24,7 +24,7 @@ from q_tuning.fused_stats import fused_nll_entropy, fused_workspace_bytes
 from q_tuning.parallel import scoring
 from q_tuning.token_stats import token_nll_entropy
 from tests import _fused_dist as W
-from tests._pruner_dist import global_batch
+from tests.harness.fixtures import global_batch
 from tests.harness.launch import run_distributed
 
 # Absolute tolerances on nll/entropy (values O(1..10)). float32: the 1e-5; the block-wise

@@ -48,11 +48,14 @@ def test_position_ids_restart_per_sample_in_packed_rows():
     assert mb["position_ids"][0].tolist() == [0, 1, 2, 0, 1, 2, 3]
 
 
-def test_block_causal_mask_matches_definition():
-    seg = torch.tensor([[0, 0, 1, 1, 1, -1]])
+@pytest.mark.parametrize("row", [[0, 0, 1, 1, 1, -1], [0, 1, 1, -1, -1, -1], [-1, -1, 2, 2]])
+def test_block_causal_mask_matches_definition(row):
+    """Regression: with several padding positions, padding also saw earlier padding."""
+    seg = torch.tensor([row])
     mask = block_causal_mask(seg)[0, 0]
-    for q in range(6):
-        for k in range(6):
+    n = len(row)
+    for q in range(n):
+        for k in range(n):
             allowed = (k <= q and seg[0, q] == seg[0, k] and seg[0, q] >= 0) or q == k
             assert bool(mask[q, k]) == (not allowed)
 

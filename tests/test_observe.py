@@ -8,6 +8,7 @@ transformers forward of the same model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ import torch
 
 from q_tuning import QTuningConfig, select_samples
 from q_tuning.observe import eu_plane_figure, load_hooks
+from q_tuning.report import Thresholds
 from q_tuning.observe.hooks import EUPlanePlot
 from q_tuning.observe.plot import figure_to_rgb, save_png
 from q_tuning.selection import keep_count
@@ -235,7 +237,7 @@ def test_tensorboard_scalars_and_images(hook_run):
     tags = acc.Tags()
     expected = {f"q_tuning/fraction/Q{q}" for q in range(1, 5)} | {
         "q_tuning/kept_samples", "q_tuning/kept_tokens", "q_tuning/level",
-        "q_tuning/threshold/ppl_low", "q_tuning/threshold/ent_high", "q_tuning/scoring_seconds"}
+        "q_tuning/threshold/q4_ppl_ceiling", "q_tuning/threshold/q4_entropy_floor", "q_tuning/scoring_seconds"}
     assert expected <= set(tags["scalars"])
     kept = acc.Scalars("q_tuning/kept_samples")
     assert [e.step for e in kept] == [1, 2, 3]
@@ -255,7 +257,7 @@ def test_analyze_writes_four_outputs_agreeing_with_select_samples(analysis, tiny
     assert rows[0]["id"] == "s0" and rows[7]["id"] == f"{tiny[1]}:8"
     ppl = torch.tensor([r["ppl"] for r in rows], dtype=torch.float64)
     ent = torch.tensor([r["entropy"] for r in rows], dtype=torch.float64)
-    sel = select_samples(ppl, ent, 0.4, 10)
+    sel = select_samples(ppl, ent, 0.4, 10, rule=QTuningConfig().selection)
     assert [r["kept"] for r in rows] == sel.keep.tolist()
     assert [r["quadrant"] for r in rows] == sel.quadrant.tolist()
     assert sum(r["kept"] for r in rows) == 20
@@ -267,7 +269,7 @@ def test_analyze_writes_four_outputs_agreeing_with_select_samples(analysis, tiny
     summary = json.loads((out / "summary.json").read_text())
     assert summary["quadrant_counts"] == sel.quadrant_counts()
     assert summary["level"] == sel.level
-    assert list(summary["thresholds"].values()) == list(sel.thresholds)
+    assert summary["thresholds"] == dataclasses.asdict(Thresholds.from_quantiles(sel.thresholds))
     assert summary["kept_samples"] == 20 and summary["num_samples"] == 50
     assert summary["kept_tokens"] == sum(r["kept_tokens"] for r in rows)
     _valid_png(out / "eu_plane.png")
@@ -318,17 +320,17 @@ def test_analyze_at_dp2_in_selection_batches(analysis, dist_run):
     ent = torch.tensor([r["entropy"] for r in rows], dtype=torch.float64)
     for b, start in enumerate((0, 20, 40)):
         part = slice(start, start + summary["batches"][b]["size"])
-        sel = select_samples(ppl[part], ent[part], 0.4, 10)
+        sel = select_samples(ppl[part], ent[part], 0.4, 10, rule=QTuningConfig().selection)
         assert [r["kept"] for r in rows[part]] == sel.keep.tolist()
         assert [r["quadrant"] for r in rows[part]] == sel.quadrant.tolist()
         assert {r["selection_batch"] for r in rows[part]} == {b}
-        assert summary["batches"][b]["thresholds"]["ppl_high"] == sel.thresholds[1]
+        assert summary["batches"][b]["thresholds"]["q2_ppl_floor"] == sel.thresholds[1]
     for name in ("eu_plane.png", "report.html"):
         assert (root / "dp2" / name).is_file()
 
 
 def test_select_in_batches_drops_unplaceable_samples_and_batches():
-    from q_tuning.analyze import select_in_batches
+    from q_tuning.train.analyze import select_in_batches
 
     ppl = torch.exp(torch.linspace(0, 3, 12, dtype=torch.float64))
     ent = torch.linspace(2, 0, 12, dtype=torch.float64).roll(5)
@@ -342,7 +344,7 @@ def test_select_in_batches_drops_unplaceable_samples_and_batches():
 
 
 def test_progress_line_reports_samples_per_second(capsys):
-    from q_tuning.analyze import _Progress
+    from q_tuning.train.analyze import _Progress
 
     progress = _Progress(50, enabled=True)
     progress.update(16)  # not a terminal: silent until 10 s have passed, or the end
@@ -352,7 +354,7 @@ def test_progress_line_reports_samples_per_second(capsys):
 
 
 def test_analyze_needs_a_model_source():
-    from q_tuning.analyze import build_parser
+    from q_tuning.train.analyze import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--data-path", "x.jsonl"])
@@ -369,3 +371,27 @@ def test_loss_tokens_count_weighted_tokens_once():
     stats = gather_rollout_stats({"tokens": [torch.arange(4), torch.arange(4)],
                                   "loss_masks": masks})
     assert stats["loss_tokens"] == [2, 3]
+
+
+def test_eu_plane_hook_plots_a_baseline_without_warning(tmp_path, caplog):
+    """Regression: every plotted step of a baseline warned "edited by an earlier hook?"."""
+    from q_tuning.observe.hooks import EUPlanePlot
+
+    ppl = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    data = {"tokens": [torch.arange(6)] * 8, "loss_masks": [torch.tensor([0, 0, 1, 1, 1, 1])] * 8,
+            "sample_ppls": ppl, "sample_entropies": [0.5 * p for p in ppl],
+            "quadrants": [3, 3, 3, 3, 1, 1, 1, 1], "kept": [False] * 4 + [True] * 4}
+    with caplog.at_level("WARNING"):
+        EUPlanePlot(out_dir=tmp_path)(QTuningConfig(strategy="ppl_high"), 1, data)
+    assert not caplog.records
+    assert (tmp_path / "eu_plane_step_0000001.png").is_file()
+
+
+def test_eu_plane_axis_labels_are_plain_numbers():
+
+    ppl = torch.tensor([1.5, 2.0, 3.0, 6.0, 9.0], dtype=torch.float64)
+    figure = eu_plane_figure(ppl, torch.ones(5), torch.tensor([2, 4, 1, 3, 2]),
+                             torch.tensor([True, True, False, False, True]))
+    figure.canvas.draw()
+    labels = [t.get_text() for t in figure.axes[0].get_xticklabels() if t.get_text()]
+    assert labels and all(re.fullmatch(r"\d+(\.\d+)?", text) for text in labels), labels

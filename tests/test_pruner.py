@@ -124,14 +124,14 @@ def test_split_equals_single_process(split, single):
 
 def test_packed_rows_equal_padded_rows(single):
     (out,) = run_distributed(W.prune_worker, 1, 1, 1, 1, None, CONFIG, BATCH,
-                             {"max_tokens_per_gpu": 64}, timeout=TIMEOUT)
+                             {"max_tokens_per_row": 64}, timeout=TIMEOUT)
     _assert_same_decision(out, single)
     assert out["new"] == single["new"]
 
 
 def test_packed_rows_under_context_parallel(single):
     outs = run_distributed(W.prune_worker, 2, 1, 1, 2, None, CONFIG, BATCH,
-                           {"max_tokens_per_gpu": 64}, timeout=TIMEOUT)
+                           {"max_tokens_per_row": 64}, timeout=TIMEOUT)
     for out in outs:
         _assert_same_decision(out, single)
     assert _union_of_new_batches(outs) == single["new"]
@@ -152,7 +152,7 @@ def test_paper_options_equal_reference_under_every_split(name, split, per_sample
     config = PAPER_CONFIGS[name]
     ref = reference_decision(per_sample, config)
     if split in ("single", "packed"):
-        extra = ({"max_tokens_per_gpu": 64},) if split == "packed" else ()
+        extra = ({"max_tokens_per_row": 64},) if split == "packed" else ()
         outs = run_distributed(W.prune_worker, 1, 1, 1, 1, None, config, BATCH, *extra,
                                timeout=TIMEOUT)
     else:
@@ -229,6 +229,20 @@ def test_refill_keeps_exactly_the_requested_count():
     for out in outs:
         assert out["report"]["kept_samples"] == 5 and sum(out["keep"]) == 5
     assert sorted(len(o["new"]) for o in outs) == [2, 3]
+
+
+def test_refill_short_of_placeable_samples_says_so():
+    """Regression: with unplaceable samples refill trained fewer than wanted and said nothing."""
+    from q_tuning.report import StepReport, Thresholds, format_report
+
+    batch = {**BATCH, "loss_masks": [torch.zeros_like(m) if i < 4 else m
+                                     for i, m in enumerate(BATCH["loss_masks"])]}
+    (out,) = run_distributed(W.prune_worker, 1, 1, 1, 1, None, CONFIG, batch, None,
+                             {"keep_count": 10}, timeout=TIMEOUT)
+    report = out["report"]
+    assert report["kept_samples"] == 8 and report["wanted_samples"] == 10
+    report["thresholds"] = Thresholds(**report["thresholds"])
+    assert "refill short: 2 fewer than the 10 wanted" in format_report(StepReport(**report))
 
 
 def test_postprocess_hook_sees_the_documented_fields_and_its_mask_edits_are_trained():

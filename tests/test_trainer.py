@@ -67,6 +67,11 @@ def single(assets, tmp_path_factory):
         ("refill", _argv(assets, out / "refill", *REFILL, gbs=4)),
         ("epochs", _argv(assets, out / "epochs", "--num-epochs", "1", "--use-dynamic-batch-size",
                          "--max-tokens-per-gpu", "160", *QT, gbs=16, iters=None)),
+        # regression: InfoBatch's final full-data phase never came with --num-epochs
+        ("infobatch_epochs", _argv(assets, out / "infobatch_epochs", "--num-epochs", "1",
+                                   "--enable-q-tuning", "--q-tuning-strategy", "infobatch",
+                                   "--q-tuning-infobatch-prune-ratio", "0.9",
+                                   "--q-tuning-infobatch-anneal", "0.5", gbs=16, iters=None)),
         # bad input
         ("missing_data", _argv(assets, out / "e1", "--export-hf", str(out / "e1" / "hf"),
                                data=str(out / "nope.jsonl"))),
@@ -131,7 +136,8 @@ def test_one_process_without_q_tuning(single):
     assert "1 skipped (no assistant turn)" in log  # the record without an assistant turn
     assert "loading weights from" in log and "done in" in log  # the progress indicator
     # hook: every step before the gradient step; without Q-Tuning it gets the whole batch
-    assert [c["rollout_id"] for c in results["plain"]["hook"]] == [0, 1, 2]
+    # one numbering everywhere (regression: hooks got 0-based ids, metrics 1-based iterations)
+    assert [c["rollout_id"] for c in results["plain"]["hook"]] == [h["iteration"] for h in history]
     assert all(c["samples"] == G and c["fields"] == ["loss_masks", "sample_index", "tokens"]
                for c in results["plain"]["hook"])
     # checkpoint (atomic: tracker last, no temporary folder) and HF export
@@ -159,7 +165,8 @@ def test_one_process_with_q_tuning(single):
     # the pruner runs the hooks after its decision: every scored sample, marked kept or not
     hook = results["qt"]["hook"]
     assert [(c["rollout_id"], c["samples"], c["kept"]) for c in hook] == \
-        [(i, G, G // 2) for i in range(ITERS)]
+        [(i, G, G // 2) for i in range(1, ITERS + 1)]
+    assert [step["q_tuning"]["step"] for step in history] == [h["iteration"] for h in history]
     assert {"quadrants", "sample_ppls", "sample_entropies", "kept"} <= set(hook[0]["fields"])
     # TensorBoard scalars of the step metrics and of the Q-Tuning report
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -183,6 +190,10 @@ def test_refill_trains_full_batches_and_epochs_set_iterations(single):
     assert [h["iteration"] for h in epochs] == [1, 2]
     assert all(h["samples"] == 8 and h["loss_tokens"] == h["q_tuning"]["kept_tokens"]
                for h in epochs)
+    # InfoBatch anneals over the run's last half, also when --num-epochs sets the length
+    infobatch = _ok(results, "infobatch_epochs")
+    assert [h["iteration"] for h in infobatch] == [1, 2]
+    assert infobatch[0]["samples"] < 16 and infobatch[1]["samples"] == 16
 
 
 # --- 2 processes ---------------------------------------------------------------------------------

@@ -22,7 +22,9 @@ line each):
   `train_step` calls once per step; with `--enable-q-tuning` that function prunes each training
   step's batch before running it (`step.QTuningStep`). Evaluation passes through untouched.
 Without `--enable-q-tuning` both patches hand back Megatron-LM's own objects: the run is unchanged.
-An unsupported configuration (see `step.unsupported_reason`) is said once and trains unpruned.
+With it, a configuration the adapter cannot honour (`step.unsupported_reason`) stops the run at
+start-up on every rank (`step.UnsupportedConfiguration`, naming the setting and the fix); it never
+trains without Q-Tuning.
 """
 
 from __future__ import annotations
@@ -34,9 +36,10 @@ import sys
 from typing import Any, Callable
 
 from q_tuning.config import add_q_tuning_args
-from q_tuning.megatron_lm.step import MARKER, QTuningStep, log_rank_0, unsupported_reason
+from q_tuning.megatron_lm.step import (MARKER, QTuningStep, UnsupportedConfiguration,
+                                       check_supported, log_rank_0)
 
-__all__ = ["add_q_tuning_args", "install", "installed", "main"]
+__all__ = ["UnsupportedConfiguration", "add_q_tuning_args", "install", "installed", "main"]
 
 TESTED_MEGATRON_CORE = ("0.16.1",)
 _STEP = QTuningStep()
@@ -104,7 +107,9 @@ def _wrap_parse_args(original: Callable) -> Callable:
             return parser
 
         args = original(provider, ignore_unknown_args)
-        _enable_per_token_loss(args)
+        if getattr(args, "enable_q_tuning", False):
+            check_supported(args)  # every rank parses: every rank stops, before any training
+            _enable_per_token_loss(args)
         return args
 
     setattr(parse_args, MARKER, True)
@@ -112,10 +117,8 @@ def _wrap_parse_args(original: Callable) -> Callable:
 
 
 def _enable_per_token_loss(args: Any) -> None:
-    if not getattr(args, "enable_q_tuning", False) or args.calculate_per_token_loss:
+    if args.calculate_per_token_loss:
         return
-    if unsupported_reason(args) or getattr(args, "ddp_average_in_collective", False):
-        return  # unsupported: the run stays as it was; average-in-collective: step.py warns
     args.calculate_per_token_loss = True
     _STEP.say_once("per-token", "--enable-q-tuning turns on --calculate-per-token-loss: each "
                    "step's loss is the mean over all its kept tokens")

@@ -14,6 +14,10 @@ target):
                                                      is not a target, any valid id stands in)
     loss_masks = [0] + loss_mask[a:b]               (L + 1)
 and it carries `labels[a:b]` and `position_ids[a:b]` so that the rows can be rebuilt exactly.
+Its targets are exactly the row's trained targets: target j (j >= 1) is `labels[a + j - 1]`,
+weighted by `loss_mask[a + j - 1]`, predicted from `tokens[a:a + j]` at row position `a + j - 1`.
+Its last token is input only (it predicts nothing), so the scoring forward's position L carries no
+statistic; step.py clamps its position id where learned position embeddings end at the row length.
 `samples_to_rows` is the inverse: kept samples back into rows (one per row, or packed first-fit in
 order for SFT), with each row's loss mask being `loss_masks[1:]` of its samples.
 """
@@ -25,14 +29,16 @@ from typing import Sequence
 
 import torch
 
+from q_tuning.parallel.microbatch import first_fit
+
 PLAIN_KEYS = frozenset({"tokens", "labels", "loss_mask", "position_ids", "attention_mask"})
 PACKED_ONLY = frozenset({"cu_seqlens", "max_seqlen"})
 PACKED_KEYS = frozenset({"tokens", "labels", "loss_mask", "position_ids"}) | PACKED_ONLY
 
 
 class UnsupportedBatch(ValueError):
-    """The micro-batches are not in a layout this adapter understands (the step then runs
-    unpruned)."""
+    """The micro-batches are not in a layout this adapter understands (the run then stops on
+    every rank with the reason, step.py)."""
 
 
 @dataclasses.dataclass
@@ -115,21 +121,11 @@ def plan_rows(lengths: Sequence[int], *, seq_length: int, packed: bool) -> list[
     `seq_length` tokens per row (`lengths` are segment lengths L, i.e. sample tokens - 1)."""
     if not packed:
         return [[i] for i in range(len(lengths))]
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i, n in enumerate(lengths):
-        if n > seq_length:
-            raise UnsupportedBatch(f"a segment of {n} tokens does not fit --seq-length "
-                                   f"{seq_length}")
-        for r, free in enumerate(room):
-            if n <= free:
-                rows[r].append(i)
-                room[r] -= n
-                break
-        else:
-            rows.append([i])
-            room.append(seq_length - n)
-    return rows
+    too_long = [n for n in lengths if n > seq_length]
+    if too_long:
+        raise UnsupportedBatch(f"a segment of {too_long[0]} tokens does not fit --seq-length "
+                               f"{seq_length}")
+    return first_fit(lengths, seq_length)
 
 
 def num_micro_batches(num_rows: int, micro_batch_size: int) -> int:

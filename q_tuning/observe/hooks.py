@@ -3,6 +3,7 @@
 Public API:
     load_hooks(paths) -> list[callable]
     gather_rollout_stats(rollout_data) -> dict[str, list]     (collective over data-parallel ranks)
+    reproduce_selection(stats, args) -> SampleSelection | None  the pruner's decision, recomputed
     EUPlanePlot(every=None, out_dir=None, name=None)          the EU-plane PNG hook
     JsonlDump(every=None, out_dir=None, name=None)            the per-sample JSONL hook
     eu_plane_png, jsonl_dump                                  ready-made instances
@@ -45,13 +46,13 @@ import pathlib
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from q_tuning.config import QTuningConfig
+from q_tuning.parallel import comm
 from q_tuning.selection import select_samples
 
 __all__ = ["EUPlanePlot", "JsonlDump", "eu_plane_png", "gather_rollout_stats", "jsonl_dump",
-           "load_hooks"]
+           "load_hooks", "reproduce_selection"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,21 +158,6 @@ def _check_signature(hook: Callable, where: str) -> None:
 
 # --- gathering ------------------------------------------------------------------------------------
 
-def _data_parallel_group():
-    """The group whose ranks hold different samples: megatron's DP group when it is initialised
-    (TP/PP/CP ranks of a replica share their samples), else the world (None when there is none)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    try:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            return ps.get_data_parallel_group()
-    except ImportError:
-        pass
-    return dist.group.WORLD
-
-
 def _scalar(value: Any) -> Any:
     if torch.is_tensor(value):
         return value.item() if value.numel() == 1 else None
@@ -198,19 +184,14 @@ def gather_rollout_stats(rollout_data: dict[str, list]) -> dict[str, list]:
         scalars = [_scalar(v) for v in values]
         if all(s is not None for s in scalars):
             local[field] = scalars
-    group = _data_parallel_group()
-    if group is None:
-        parts = [local]
-    else:
-        parts = [None] * dist.get_world_size(group)
-        dist.all_gather_object(parts, local, group=group)
+    parts = comm.all_gather_objects(local, comm.data_parallel_group())
     fields = [f for f in parts[0] if all(f in p for p in parts)]
     out = {f: [v for p in parts for v in p[f]] for f in fields}
     out["dp_rank"] = [r for r, p in enumerate(parts) for _ in p["loss_tokens"]]
     return out
 
 
-def _selection_of(stats: dict[str, list], args: Any):
+def reproduce_selection(stats: dict[str, list], args: Any):
     """The pruner's decision recomputed from gathered statistics; None (and a warning) when it
     does not reproduce the gathered kept set."""
     ppl = torch.tensor(stats["sample_ppls"], dtype=torch.float64)
@@ -220,6 +201,8 @@ def _selection_of(stats: dict[str, list], args: Any):
     if placed == 0 or not bool(kept.any()):
         return None
     config = _config_of(args)
+    if config.strategy != "eu_plane":  # a baseline's kept set is not the EU-plane rule's
+        return None
     selection = select_samples(ppl, ent, min(1.0, int(kept.sum()) / placed),
                                config.bisect_max_iter, rule=config.selection)
     if not torch.equal(selection.keep, kept):
@@ -236,10 +219,6 @@ def _config_of(args: Any) -> QTuningConfig:
         return QTuningConfig.from_args(args)
     except (ValueError, TypeError):
         return QTuningConfig()
-
-
-def _is_writer() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def _env_int(name: str, default: int) -> int:
@@ -288,7 +267,7 @@ class _EveryNHook:
                 self._warned = True
             return
         stats = gather_rollout_stats(rollout_data)
-        if _is_writer():
+        if comm.is_global_rank_zero():
             self._run(args, rollout_id, stats)
 
     def output_dir(self, args: Any) -> pathlib.Path:
@@ -313,7 +292,7 @@ class EUPlanePlot(_EveryNHook):
     def _run(self, args: Any, rollout_id: int, stats: dict[str, list]) -> None:
         from q_tuning.observe.plot import eu_plane_figure, save_png
 
-        selection = _selection_of(stats, args)
+        selection = reproduce_selection(stats, args)
         figure = eu_plane_figure(
             stats["sample_ppls"], stats["sample_entropies"], stats["quadrants"], stats["kept"],
             thresholds=None if selection is None else selection.thresholds,

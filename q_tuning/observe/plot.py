@@ -11,8 +11,9 @@ Axes: PPL (error) on a log x axis, mean entropy (uncertainty) on a linear y axis
 ("confidently wrong": high PPL, low entropy) is the lower right corner and Q4 ("right but unsure":
 low PPL, high entropy) the upper left. Points are coloured by quadrant label (SPEC section 3:
 kept samples are Q2/Q4, dropped ones Q1/Q3), kept samples are filled, dropped ones hollow. The
-threshold lines are the quantiles at the selected level a*: PPL at a* and 1-a*, entropy at a* and
-1-a*. Unplaceable samples (quadrant 0) have no position; their number is in the legend.
+dashed lines bound the two kept corners at the selected level a* (the legend names them: Q2's PPL
+floor and entropy ceiling, Q4's PPL ceiling and entropy floor). Unplaceable samples (quadrant 0)
+have no position; their number is in the legend.
 
 The figure is a bare `matplotlib.figure.Figure` with an Agg canvas, never registered with
 `pyplot`: no global state, safe in a training process and in threads, and nothing to close.
@@ -26,6 +27,8 @@ import pathlib
 from typing import Sequence
 
 import numpy as np
+
+from q_tuning.report import Thresholds
 
 __all__ = ["QUADRANT_COLORS", "QUADRANT_NAMES", "eu_plane_figure", "figure_to_rgb", "save_png"]
 
@@ -49,14 +52,16 @@ def eu_plane_figure(ppl: Sequence[float], entropy: Sequence[float], quadrant: Se
     """One scatter of the samples on the EU plane (see the module docstring).
 
     ppl, entropy, quadrant (0-4), kept: per sample, any sequence or tensor of equal length.
-    thresholds: (ppl_low, ppl_high, ent_low, ent_high) or the report's dict of those names; None
-        draws no lines (e.g. when several selection batches each had their own).
+    thresholds: a `q_tuning.report.Thresholds`, its dict form (as in summary.json), or
+        `SampleSelection.thresholds` (the quantiles at a* and 1-a*); None draws no lines (e.g.
+        when several selection batches each had their own).
     title: replaces the default first title line, which names `step` and `keep_ratio`; the
         second line (kept counts, a*) is always there.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     ppl, entropy = _as_array(ppl, np.float64), _as_array(entropy, np.float64)
     quadrant, kept = _as_array(quadrant, np.int64), _as_array(kept, bool)
@@ -91,6 +96,10 @@ def eu_plane_figure(ppl: Sequence[float], entropy: Sequence[float], quadrant: Se
                               label=f"unplaceable (not shown): {unplaceable}"))
 
     ax.set_xscale("log")
+    # plain numbers (2, 5, 10, 20), not 2x10^0: ticks at 1-2-5 of each decade, labelled with %g
+    ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.ticklabel_format(axis="y", useOffset=False)
     ax.set_xlabel("sample perplexity (error), log scale")
     ax.set_ylabel("mean token entropy, nats (uncertainty)")
@@ -121,28 +130,32 @@ def _draw_thresholds(ax, thresholds, level: float | None):
     from matplotlib.lines import Line2D
 
     if isinstance(thresholds, dict):
-        thresholds = [thresholds[k] for k in ("ppl_low", "ppl_high", "ent_low", "ent_high")]
-    ppl_low, ppl_high, ent_low, ent_high = (float(t) for t in thresholds)
+        thresholds = Thresholds(**thresholds)
+    elif not isinstance(thresholds, Thresholds):
+        thresholds = Thresholds.from_quantiles(tuple(thresholds))
+    t = thresholds
     style = dict(color="black", linestyle="--", linewidth=0.9, alpha=0.6, zorder=1)
     (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    # The two kept corners at a*: Q2 right of ppl_high and below ent_low, Q4 the opposite.
-    for q, (xa, xb), (ya, yb) in ((2, (ppl_high, x1), (y0, ent_low)),
-                                  (4, (x0, ppl_low), (ent_high, y1))):
+    # The two kept corners at a*: Q2 right of its PPL floor and below its entropy ceiling, Q4
+    # left of its PPL ceiling and above its entropy floor.
+    for q, (xa, xb), (ya, yb) in ((2, (t.q2_ppl_floor, x1), (y0, t.q2_entropy_ceiling)),
+                                  (4, (x0, t.q4_ppl_ceiling), (t.q4_entropy_floor, y1))):
         if all(map(math.isfinite, (xa, xb, ya, yb))) and xa < xb and ya < yb:
             ax.fill_between([max(xa, x0), xb], max(ya, y0), min(yb, y1),
                             color=QUADRANT_COLORS[q], alpha=0.08, linewidth=0, zorder=0)
     ax.set_xlim(x0, x1)
     ax.set_ylim(y0, y1)
-    for x in (ppl_low, ppl_high):
+    for x in (t.q4_ppl_ceiling, t.q2_ppl_floor):
         if math.isfinite(x) and x > 0:
             ax.axvline(x, **style)
-    for y in (ent_low, ent_high):
+    for y in (t.q2_entropy_ceiling, t.q4_entropy_floor):
         if math.isfinite(y):
             ax.axhline(y, **style)
     where = "a*" if level is None else f"a*={level:.3g}"
     return Line2D([], [], **{**style, "alpha": 0.8},
-                  label=f"quantiles at {where}: PPL {ppl_low:.3g} / {ppl_high:.3g}, "
-                        f"entropy {ent_low:.3g} / {ent_high:.3g}")
+                  label=f"corners at {where}: Q2 PPL >= {t.q2_ppl_floor:.3g}, entropy <= "
+                        f"{t.q2_entropy_ceiling:.3g}; Q4 PPL <= {t.q4_ppl_ceiling:.3g}, "
+                        f"entropy >= {t.q4_entropy_floor:.3g}")
 
 
 def save_png(figure, path: str | os.PathLike) -> pathlib.Path:

@@ -11,7 +11,8 @@ here); `writer=None` makes it a no-op, so every rank may call it. Tags, all unde
     fraction/Q1 .. fraction/Q4, fraction/unplaceable   share of the step's scored samples
     kept_samples, kept_sample_fraction, kept_tokens, kept_token_fraction, total_samples,
     total_tokens                                        what the gradient step trains on
-    threshold/ppl_low, threshold/ppl_high, threshold/ent_low, threshold/ent_high, level
+    threshold/q2_ppl_floor, threshold/q2_entropy_ceiling, threshold/q4_ppl_ceiling,
+    threshold/q4_entropy_floor, level                   the corners' bounds (q_tuning.report)
     scoring_seconds                                     the no-grad scoring pass
     eu_plane (image), log_ppl and entropy (histograms)  every `image_every` steps and at step 1
 
@@ -20,12 +21,14 @@ here); `writer=None` makes it a no-op, so every rank may call it. Tags, all unde
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
 import torch
 
 from q_tuning.observe.plot import eu_plane_figure, figure_to_rgb
+from q_tuning.report import StepReport
 
 __all__ = ["IMAGE_EVERY_ENV", "log_step"]
 
@@ -34,33 +37,34 @@ DEFAULT_IMAGE_EVERY = 10
 PREFIX = "q_tuning"
 
 
-def log_step(writer, report: dict, decision: Any = None, step: int | None = None, *,
+def log_step(writer, report: StepReport, decision: Any = None, step: int | None = None, *,
              image_every: int | None = None) -> None:
     """Write the step's scalars, and every `image_every` steps the EU-plane figure.
 
     writer: a `torch.utils.tensorboard.SummaryWriter` (or anything with `add_scalar`,
         `add_image`, `add_histogram`), or None to do nothing.
-    report: the dict returned by `QTuningPruner.prune`.
+    report: the `StepReport` returned by `QTuningPruner.prune`.
     decision: `pruner.last_decision` (a `StepDecision`); None skips the image and histograms.
-    step: the global step to log at; default `report["step"]`.
+    step: the global step to log at; default `report.step`.
     """
     if writer is None:
         return
-    step = report["step"] if step is None else step
-    total = max(report["total_samples"], 1)
-    scalars = {f"fraction/{q}": count / total for q, count in report["quadrant_counts"].items()}
-    scalars["fraction/unplaceable"] = report["unplaceable_samples"] / total
+    step = report.step if step is None else step
+    total = max(report.total_samples, 1)
+    scalars = {f"fraction/{q}": count / total for q, count in report.quadrant_counts.items()}
+    scalars["fraction/unplaceable"] = report.unplaceable_samples / total
     scalars.update({
-        "kept_samples": report["kept_samples"],
-        "kept_sample_fraction": report["kept_samples"] / total,
-        "kept_tokens": report["kept_tokens"],
-        "kept_token_fraction": report["kept_tokens"] / max(report["total_tokens"], 1),
-        "total_samples": report["total_samples"],
-        "total_tokens": report["total_tokens"],
-        "level": report["level"],
-        "scoring_seconds": report["scoring_seconds"],
+        "kept_samples": report.kept_samples,
+        "kept_sample_fraction": report.kept_samples / total,
+        "kept_tokens": report.kept_tokens,
+        "kept_token_fraction": report.kept_tokens / max(report.total_tokens, 1),
+        "total_samples": report.total_samples,
+        "total_tokens": report.total_tokens,
+        "level": report.level,
+        "scoring_seconds": report.scoring_seconds,
     })
-    scalars.update({f"threshold/{name}": value for name, value in report["thresholds"].items()})
+    scalars.update({f"threshold/{name}": value
+                    for name, value in dataclasses.asdict(report.thresholds).items()})
     for tag, value in scalars.items():
         writer.add_scalar(f"{PREFIX}/{tag}", value, step)
 

@@ -21,6 +21,38 @@ def _device(group) -> torch.device:
     return torch.device("cpu")
 
 
+def is_global_rank_zero() -> bool:
+    """True on global rank 0, and in a process without a process group."""
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def rank_in(group) -> int:
+    """This process's rank in `group` (0 without a process group)."""
+    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
+
+
+def size_and_rank(group) -> tuple[int, int]:
+    """(world size, rank) of `group`; (1, 0) for None or without a process group."""
+    if group is None or not (dist.is_available() and dist.is_initialized()):
+        return 1, 0
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def data_parallel_group():
+    """The group whose ranks hold different samples: megatron's DP group when it is initialised
+    (TP/PP/CP ranks of a replica share their samples), else the world (None when there is none)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    try:
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized():
+            return ps.get_data_parallel_group()
+    except ImportError:
+        pass
+    return dist.group.WORLD
+
+
 def agree_on_errors(local_error: str | None, prefix: str) -> None:
     """Raise the same ValueError on every rank if any rank found bad input (never a hang).
 
@@ -58,6 +90,20 @@ def all_gather_rows(local: torch.Tensor, group) -> tuple[torch.Tensor, list[int]
     return torch.cat([p[:n] for p, n in zip(parts, counts_list)]).to(local.device), counts_list
 
 
+def all_reduce_max_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In-place elementwise max over `group` (a no-op without one); for TP vocabulary shards."""
+    if group is not None and _active(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
+def all_reduce_sum_(tensor: torch.Tensor, group) -> torch.Tensor:
+    """In-place elementwise sum over `group` (a no-op without one)."""
+    if group is not None and _active(group):
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return tensor
+
+
 def broadcast_from_last_stage(tensor: torch.Tensor, pp_group) -> torch.Tensor:
     """Give every pipeline stage the tensor computed on the last stage (in place)."""
     if _active(pp_group):
@@ -86,6 +132,20 @@ def all_gather_objects(obj, group) -> list:
     return out
 
 
+def share_first_held(payload, group):
+    """Every rank of `group` gets the payload of the first rank (in group order) holding one (not
+    None); None when no rank holds one."""
+    if not _active(group):
+        return payload
+    holders = all_gather_objects(payload is not None, group)
+    if not any(holders):
+        return None
+    box = [payload]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, holders.index(True)),
+                               group=group)
+    return box[0]
+
+
 def max_over_group(value: int, group) -> int:
     if not _active(group):
         return value
@@ -103,3 +163,41 @@ def world_disagrees(values: torch.Tensor) -> bool:
     dist.all_reduce(both, op=dist.ReduceOp.MAX)
     n = values.numel()
     return not torch.equal(both[:n], -both[n:])
+
+
+def errors_on_ranks(local_error: str | None) -> str | None:
+    """Collective over the default group: every rank's error (None: no error) agreed on; returns
+    the same text on every rank ("all 2 ranks: ...", "rank 1: ...", a rank list per distinct
+    message), or None when no rank has one. For failures that every rank must act on together
+    (a failed checkpoint write, data that did not load) instead of one rank leaving the others
+    blocked in the next collective."""
+    if not _active(None):
+        return local_error or None
+    errors: list = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, local_error or None)
+    by_message: dict[str, list[int]] = {}
+    for rank, error in enumerate(errors):
+        if error:
+            by_message.setdefault(error, []).append(rank)
+    if not by_message:
+        return None
+    parts = []
+    for error, ranks in list(by_message.items())[:4]:
+        who = (f"all {len(errors)} ranks" if len(ranks) == len(errors) else
+               ("rank " if len(ranks) == 1 else "ranks ") + ", ".join(map(str, ranks[:8]))
+               + (", ..." if len(ranks) > 8 else ""))
+        parts.append(f"{who}: {error}")
+    more = f" (and {len(by_message) - 4} more distinct errors)" if len(by_message) > 4 else ""
+    return "; ".join(parts) + more
+
+
+def any_rank(flags) -> list[bool]:
+    """Collective over the default group: the elementwise OR of `flags` (a sequence of bools)
+    over every rank, the same list everywhere; for decisions all ranks take together (stop after
+    this iteration, skip this optimizer step). One small all-reduce."""
+    values = [bool(f) for f in flags]
+    if not _active(None):
+        return values
+    t = torch.tensor([int(v) for v in values], dtype=torch.int32, device=_device(None))
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]

@@ -57,6 +57,23 @@ def round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """First-fit bins of sample indices, in sample order, under `budget` tokens each; a sample
+    longer than the budget sits alone in its bin (callers that cannot allow it check first)."""
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i, n in enumerate(lengths):
+        for b, free in enumerate(room):
+            if n <= free:
+                bins[b].append(i)
+                room[b] -= n
+                break
+        else:
+            bins.append([i])
+            room.append(budget - n)
+    return bins
+
+
 def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None,
               max_tokens_per_row: int | None = None, seq_length: int | None = None,
               length_multiple: int = 1, uniform_length: bool = True) -> RowLayout:
@@ -68,20 +85,11 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
     first, and each micro-batch is padded to its own longest row.
     """
     if max_tokens_per_row is not None:
-        rows: list[list[int]] = []
-        room: list[int] = []
         for i, n in enumerate(lengths):
             if n > max_tokens_per_row:
                 raise ValueError(f"sample {i} has {n} tokens, more than --max-tokens-per-gpu "
                                  f"{max_tokens_per_row}")
-            for r, free in enumerate(room):
-                if n <= free:
-                    rows[r].append(i)
-                    room[r] -= n
-                    break
-            else:
-                rows.append([i])
-                room.append(max_tokens_per_row - n)
+        rows = first_fit(lengths, max_tokens_per_row)
         rows_per_micro_batch = 1
     else:
         order = range(len(lengths))
@@ -202,7 +210,7 @@ def block_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     s = segment_ids.shape[-1]
     causal = torch.ones(s, s, dtype=torch.bool).tril_()
     same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (b, s, s)
-    allowed = same & causal
+    allowed = same & causal & (segment_ids >= 0)[:, :, None]  # padding queries: only the diagonal
     allowed |= torch.eye(s, dtype=torch.bool)  # keep padding rows' softmax finite
     return ~allowed[:, None]
 

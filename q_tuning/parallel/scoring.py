@@ -64,9 +64,11 @@ class TokenScores:
     entropy: torch.Tensor  # [n, L] float32
     target_mask: torch.Tensor  # [n, L] bool, loss-mask targets that were scored (j >= 1)
     method: str = "fused"  # what scored the output stage: "fused", or "logits" (chosen or fallback)
-    # Peak memory of the scoring pass in bytes, max over the pipeline stages. On CUDA: measured,
-    # `torch.cuda.max_memory_allocated` during the pass minus what was allocated at its start
-    # (the forward's activations included). Elsewhere: computed from tensor sizes, the largest
+    # Peak memory of the scoring pass in bytes, max over the pipeline stages. On CUDA, when the
+    # pass sets a new process-wide peak: measured, `torch.cuda.max_memory_allocated` after the
+    # pass minus what was allocated at its start (the forward's activations included); the
+    # counter is never reset. Otherwise (CPU, or a pass below an earlier peak): computed from
+    # tensor sizes, the largest
     # over micro-batches of what the statistics step holds (the model output it receives, its
     # response rows and the statistics workspace); the decoder's own transient memory is not in it.
     peak_memory_bytes: int = 0
@@ -353,9 +355,9 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
     scores = torch.zeros(2, len(tokens), length, dtype=torch.float32)  # (nll|entropy, n, L)
     run = _ScoringRun(groups=groups, method=method)
     device = next(model_chunks[0].parameters()).device
-    measured = device.type == "cuda"
-    if measured:
-        torch.cuda.reset_peak_memory_stats(device)
+    cuda = device.type == "cuda"
+    if cuda:  # the process-wide peak counter is read, never reset (Megatron and users report it)
+        peak_before = torch.cuda.max_memory_allocated(device)
         start_bytes = torch.cuda.memory_allocated(device)
     if count:
         forward_backward = get_forward_backward_func()
@@ -370,6 +372,9 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
             for nll, ent, sample, target in collected:
                 scores[0, sample, target] = nll
                 scores[1, sample, target] = ent
+    # Measured when the pass set a new process peak; else it stayed below an earlier peak and the
+    # size estimate stands in.
+    measured = cuda and torch.cuda.max_memory_allocated(device) > peak_before
     peak = torch.cuda.max_memory_allocated(device) - start_bytes if measured else run.peak_bytes
     comm.sum_over_context_parallel(scores, groups.cp)
     comm.broadcast_from_last_stage(scores, groups.pp)

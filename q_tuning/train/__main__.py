@@ -13,14 +13,19 @@
     # (python -m q_tuning.train.ray_launcher --actor-num-nodes 1 --actor-num-gpus-per-node 8 ...)
 
 Bad input (missing or malformed data, unsupported architecture, parallel sizes that do not divide,
-an incompatible --load checkpoint) ends with one `q-tuning-train: error: ...` line and exit
-status 2.
+an incompatible --load checkpoint, an output folder that cannot be written) ends with one
+`q-tuning-train: error: ...` line and exit status 2. A failure while running that is not the
+input's fault (a checkpoint that could not be written, a collective that timed out after
+--distributed-timeout-minutes, another rank that died) ends with one such line and status 1.
+A stop asked for (--exit-signal-handler and SIGTERM, --exit-duration-in-mins, --exit-interval)
+saves and exits with status 0. See docs/user_guide.md, "Failures and recovery".
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import pathlib
 import sys
 import time
@@ -40,13 +45,52 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (ValueError, FileNotFoundError) as err:  # the user's input: no traceback
         print(f"q-tuning-train: error: {err}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    except RuntimeError as err:
+        message = _runtime_failure(err, args)
+        if message is None:
+            raise
+        print(f"q-tuning-train: error: {message}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+
+
+def _runtime_failure(err: RuntimeError, args: argparse.Namespace) -> Optional[str]:
+    """The one-line message for a failure of the job rather than of its input (a checkpoint
+    write, a timed-out collective, a peer that died); None for anything else (a bug: traceback).
+    """
+    from q_tuning.train.checkpointing import CheckpointSaveError
+
+    rank = f"rank {os.environ.get('RANK', '0')}"
+    if isinstance(err, CheckpointSaveError):
+        return f"{rank}: {err}"
+    import torch.distributed as dist
+
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else type(err).__name__
+    collective = isinstance(err, getattr(dist, "DistBackendError", ())) or any(
+        marker in text for marker in ("gloo", "NCCL", "ProcessGroup", "c10d"))
+    if not collective:
+        return None
+    lowered = text.lower()
+    if "timed out" in lowered or "timeout" in lowered:
+        minutes = args.distributed_timeout_minutes
+        return (f"{rank}: a collective did not complete within --distributed-timeout-minutes "
+                f"{minutes:g} ({minutes * 60:.0f} s): another rank is stopped, hung or far "
+                f"slower than this one (raise the timeout if it is only slow) [{first}]")
+    if any(marker in lowered for marker in ("connection closed", "connection reset",
+                                            "broken pipe", "connection refused")):
+        return (f"{rank}: another rank ended while this one waited for it (its log says why) "
+                f"[{first}]")
+    return None
 
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Train as `args` say (every rank); returns the logged metrics. Raises ValueError /
-    FileNotFoundError for bad input."""
+    FileNotFoundError for bad input, `checkpointing.CheckpointSaveError` for a checkpoint that
+    could not be written."""
+    from q_tuning.train.arguments import check_writable_paths
     from q_tuning.train.trainer import quiet_expected_warnings
 
+    check_writable_paths(args)  # before anything loads
     quiet_expected_warnings(args)
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -72,7 +116,8 @@ def run(args: argparse.Namespace) -> list[dict]:
             elif ps.model_parallel_is_initialized():
                 ps.destroy_model_parallel()
         if dist.get_rank() == 0:
-            _write_metrics(args, history)
+            _write_metrics(args, history, resumed_at=trainer.start_iteration
+                           if trainer.resume_from is not None else None)
             _print_outputs(args, trainer)
         return history
     finally:
@@ -106,17 +151,28 @@ def _remove_handlers(handlers: list[logging.Handler]) -> None:
         handler.close()
 
 
-def _write_metrics(args: argparse.Namespace, history: list[dict]) -> None:
+def _write_metrics(args: argparse.Namespace, history: list[dict],
+                   resumed_at: Optional[int] = None) -> None:
     """<output-dir>/metrics.jsonl: one line per logged iteration (with the Q-Tuning report),
-    for scripts that compare runs; written whole, then renamed into place."""
+    for scripts that compare runs; written whole, then renamed into place. A run resumed at
+    iteration N keeps the file's lines up to N (those of the runs before it) and replaces the
+    rest, so a preempted and resumed job has one line per iteration."""
     if args.output_dir is None:
         return
     import json
 
     from q_tuning._files import write_text_atomic
 
-    write_text_atomic(pathlib.Path(args.output_dir) / "metrics.jsonl",
-                      (json.dumps(m, default=float) + "\n" for m in history))
+    path = pathlib.Path(args.output_dir) / "metrics.jsonl"
+    earlier: list[str] = []
+    if resumed_at is not None and path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["iteration"] <= resumed_at:
+                    earlier.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+    write_text_atomic(path, earlier + [json.dumps(m, default=float) + "\n" for m in history])
 
 
 def _print_outputs(args: argparse.Namespace, trainer) -> None:

@@ -4,6 +4,7 @@ Public API:
     build_parser() -> argparse.ArgumentParser
     parse_args(argv=None) -> argparse.Namespace
     validate_parallel_sizes(args, world_size) -> None
+    check_writable_paths(args) -> None
     train_iters_for_epochs(num_samples, samples_per_step, num_epochs) -> int
     samples_per_step(args) -> int
 
@@ -20,11 +21,11 @@ import math
 import pathlib
 from typing import Sequence
 
-from q_tuning.config import add_q_tuning_args, positive_int
+from q_tuning.config import QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.train.presets import PRESETS, get_preset
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
-           "samples_per_step"]
+           "samples_per_step", "check_writable_paths"]
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root")
 
@@ -36,6 +37,16 @@ def _non_negative_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (value > 0.0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -71,6 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=positive_int, default=2048,
                    help="longest sample in tokens; longer ones are truncated (counted in the log)")
     g.add_argument("--seed", type=int, default=1234, help="data order and RNG seed")
+    g.add_argument("--strict-data", action="store_true",
+                   help="stop with an error (file:line) on every record that would otherwise be "
+                        "skipped (no assistant turn; no assistant token within --seq-length) "
+                        "instead of counting it in the start-up summary")
 
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=positive_int, default=1)
@@ -92,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "per-sample lists ('tokens', 'loss_masks', 'sample_index'; with Q-Tuning "
                         "every scored sample with its statistics and 'kept'); 'loss_masks' may "
                         "be edited in place")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction,
+                   default=True,
+                   help="before each optimizer step, all ranks agree whether any rank's loss or "
+                        "gradients hold NaN/inf; such a step is skipped (weights, optimizer state "
+                        "and LR schedule unchanged, its samples consumed) with a warning "
+                        "(Megatron-LM's flag; --no-check-for-nan-in-loss-and-grad: step anyway)")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=_non_negative_float, default=1e-5)
@@ -121,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: cuda when available, else cpu (gloo, megatron-core via mcore_cpu)")
     g.add_argument("--distributed-backend", choices=("nccl", "gloo"), default=None,
                    help="default: nccl on cuda, gloo on cpu")
-    g.add_argument("--distributed-timeout-minutes", type=positive_int, default=30)
+    g.add_argument("--distributed-timeout-minutes", type=_positive_float, default=30.0,
+                   help="a collective that waits longer (a rank stopped, hung or far slower) "
+                        "ends the job with an error naming this timeout; fractions allowed")
 
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint folder (megatron dist_checkpointing)")
@@ -136,6 +159,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=positive_int, default=None,
                    help="stop after the first iteration divisible by this (saving a checkpoint "
                         "when --save is given); the schedule still follows --train-iters")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (a scheduler's preemption, sent to every worker), all ranks "
+                        "stop together at the end of the current iteration, save a checkpoint "
+                        "when --save is given, and exit with status 0 (Megatron-LM's flag)")
+    g.add_argument("--exit-duration-in-mins", type=_positive_float, default=None,
+                   help="stop (saving a checkpoint when --save is given) at the end of the first "
+                        "iteration after this many minutes since the trainer started, on any "
+                        "rank's clock (Megatron-LM's flag; fractions allowed)")
     g.add_argument("--no-load-optim", action="store_true", help="do not restore optimizer state")
     g.add_argument("--no-load-rng", action="store_true", help="do not restore RNG states")
     g.add_argument("--export-hf", default=None,
@@ -199,10 +230,46 @@ def _check(args: argparse.Namespace) -> None:
             and args.pipeline_model_parallel_size == 1:
         raise ValueError("--virtual-pipeline-model-parallel-size needs "
                          "--pipeline-model-parallel-size > 1")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits "
+                         "activations over the tensor-parallel group)")
+    QTuningConfig.from_args(args)  # preset values too; errors name the flag
     if args.no_save and args.save is not None:
         raise ValueError("--no-save and --save contradict each other")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
+
+
+def check_writable_paths(args: argparse.Namespace) -> None:
+    """ValueError naming the flag when an output location cannot be written: the path (or its
+    nearest existing parent) is not a folder, is on a read-only file system, or lacks write
+    permission. No side effect; `q_tuning.train.__main__.run` calls it first, before anything is
+    loaded (the trainer then writes a probe file into --save on every rank)."""
+    for flag, path in (("--output-dir", args.output_dir), ("--save", args.save),
+                       ("--tensorboard-dir", args.tensorboard_dir),
+                       ("--export-hf", args.export_hf)):
+        if path is None:
+            continue
+        problem = _unwritable(pathlib.Path(path))
+        if problem is not None:
+            raise ValueError(f"{flag} {path}: {problem}; give a location this job can write to")
+
+
+def _unwritable(path: pathlib.Path) -> str | None:
+    import os
+
+    target = path.absolute()
+    existing = target
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return (f"{existing} exists and is not a folder" if existing == target
+                else f"{existing} is a file, not a folder")
+    if os.statvfs(existing).f_flag & os.ST_RDONLY:
+        return f"{existing} is on a read-only file system"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
 
 
 def validate_parallel_sizes(args: argparse.Namespace, world_size: int) -> None:
@@ -222,8 +289,6 @@ def validate_parallel_sizes(args: argparse.Namespace, world_size: int) -> None:
     if scored < dp:
         raise ValueError(f"--global-batch-size: {scored} samples per step cannot be spread over "
                          f"{dp} data-parallel ranks; use at least {dp}")
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False  # megatron-core: meaningless without TP
 
 
 def samples_per_step(args: argparse.Namespace) -> int:

@@ -3,8 +3,11 @@
 Public API:
     TRACKER_FILE
     CheckpointError
+    CheckpointSaveError
     checkpoint_path(root, iteration) -> pathlib.Path
     find_checkpoint(root) -> pathlib.Path | None
+    incomplete_checkpoints(root) -> list[pathlib.Path]
+    check_writable(root) -> str | None
     read_trainer_state(path) -> dict
     check_compatible(saved, current, *, load_optim) -> None
     save_checkpoint(root, iteration, model_chunks, optimizer, trainer_state, *,
@@ -31,8 +34,12 @@ What is saved:
 
 Atomicity: every rank writes into `<root>/.iter_0000020.tmp`; after all ranks finished, global
 rank 0 renames it to `iter_0000020` and only then rewrites the tracker file (itself via a temporary
-file and `os.replace`). A crash leaves either the previous complete checkpoint as the latest, or a
-`.tmp` folder that nothing reads.
+file and `os.replace`): the tracker is the commit point, and `--load` reads only the checkpoint
+it names. A crash leaves either the previous complete checkpoint as the latest, or a `.tmp`
+folder that nothing reads (`incomplete_checkpoints` lists it, the trainer reports it at `--load`,
+the next save of that iteration replaces it). A save that fails on any rank (no space left, an
+I/O error) raises `CheckpointSaveError` on every rank, naming the incomplete folder (removed, to
+give the space back) and the latest complete checkpoint, which stays as it was.
 """
 
 from __future__ import annotations
@@ -40,15 +47,19 @@ from __future__ import annotations
 import os
 import pathlib
 import random
+import re
 import shutil
+import socket
 from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
-__all__ = ["TRACKER_FILE", "CheckpointError", "checkpoint_path", "find_checkpoint",
-           "read_trainer_state", "check_compatible", "save_checkpoint", "load_checkpoint"]
+__all__ = ["TRACKER_FILE", "CheckpointError", "CheckpointSaveError", "checkpoint_path",
+           "find_checkpoint", "incomplete_checkpoints", "check_writable", "read_trainer_state",
+           "check_compatible", "save_checkpoint", "load_checkpoint"]
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _TRAINER_KEY = "q_tuning_trainer"
@@ -60,6 +71,14 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded into this run; the message says why and what to do."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written (raised on every rank); the message names the incomplete
+    folder and the latest complete checkpoint."""
+
+
+_INCOMPLETE = re.compile(r"^\.iter_\d{7}\.(tmp|old)$")
+
+
 def checkpoint_path(root: str | os.PathLike, iteration: int) -> pathlib.Path:
     return pathlib.Path(root) / f"iter_{iteration:07d}"
 
@@ -68,6 +87,9 @@ def find_checkpoint(root: str | os.PathLike) -> Optional[pathlib.Path]:
     """The checkpoint `--load root` means: the tracker's iteration, or `root` itself when it is a
     checkpoint folder; None when there is none (the run then starts from the HF weights)."""
     root = pathlib.Path(root)
+    if _INCOMPLETE.match(root.name):
+        raise CheckpointError(f"--load {root}: this is the folder of a save that did not finish "
+                              "(never loaded); pass the checkpoint root folder instead")
     if (root / "metadata.json").is_file():
         return root
     tracker = root / TRACKER_FILE
@@ -84,6 +106,61 @@ def find_checkpoint(root: str | os.PathLike) -> Optional[pathlib.Path]:
         raise CheckpointError(f"--load {root}: {TRACKER_FILE} names iteration {iteration} but "
                               f"{path} is not a complete checkpoint")
     return path
+
+
+def incomplete_checkpoints(root: str | os.PathLike) -> list[pathlib.Path]:
+    """Folders under `root` that a save left unfinished (`.iter_*.tmp` / `.iter_*.old`), and
+    `iter_*` folders newer than the tracker's iteration (written, but the tracker was not yet
+    updated); `--load` never reads them."""
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        return []
+    committed = None
+    tracker = root / TRACKER_FILE
+    if tracker.is_file():
+        try:
+            committed = int(tracker.read_text().strip())
+        except ValueError:
+            pass
+    found = []
+    for path in sorted(root.iterdir()):
+        if not path.is_dir():
+            continue
+        if _INCOMPLETE.match(path.name):
+            found.append(path)
+        elif re.fullmatch(r"iter_\d{7}", path.name) and (
+                committed is None or int(path.name[5:]) > committed
+                or not (path / "metadata.json").is_file()):
+            found.append(path)
+    return found
+
+
+def check_writable(root: str | os.PathLike) -> Optional[str]:
+    """None when this process can write checkpoints to `root`, else what went wrong.
+
+    Probes where the first save will write: `root` when it exists, else its nearest existing
+    parent (where the save creates it), with a folder and a file of unique names that are
+    removed again; nothing else is created, so a run that stops later leaves no empty `--save`
+    folder behind, and ranks sharing a file system do not race."""
+    root = pathlib.Path(root).absolute()
+    existing = root
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is not a folder"
+    probe = existing / f".q_tuning_write_test.{socket.gethostname()}.{os.getpid()}"
+    try:
+        probe.mkdir()
+        try:
+            with open(probe / "probe", "wb") as f:
+                f.write(b"q-tuning-train write test\n")
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            shutil.rmtree(probe, ignore_errors=True)
+    except OSError as err:
+        return f"cannot write checkpoints there ({type(err).__name__}: {err})"
+    return None
 
 
 def read_trainer_state(path: str | os.PathLike) -> dict:
@@ -248,39 +325,104 @@ def _restore_torch_adam_steps(optimizer) -> None:
 
 def save_checkpoint(root: str | os.PathLike, iteration: int, model_chunks, optimizer,
                     trainer_state: dict, *, use_distributed_optimizer: bool) -> pathlib.Path:
-    """Collective: write checkpoint `iteration` under `root` (see the module doc)."""
+    """Collective: write checkpoint `iteration` under `root` (see the module doc).
+
+    Raises CheckpointSaveError on every rank when any rank failed to write; the previous
+    checkpoint and the tracker are then untouched."""
     from megatron.core import dist_checkpointing
 
     root = pathlib.Path(root)
     final = checkpoint_path(root, iteration)
     tmp = root / f".{final.name}.tmp"
     rank = dist.get_rank()
+    error = None
     if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
-        tmp.mkdir()
-    dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
+            tmp.mkdir()
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    _agree_on_save(error, root, iteration, tmp)  # also the barrier before writing
 
-    metadata = _metadata(use_distributed_optimizer)
-    state = _model_state(model_chunks, metadata)
-    state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False, metadata=metadata)
-    state[_RNG_KEY] = _rng_sharded_object(_dp_cp_gather_rng())
-    state[_TRAINER_KEY] = {**trainer_state, "format_version": FORMAT_VERSION,
-                           "sharded_state_dict_metadata": _metadata(use_distributed_optimizer)}
-    dist_checkpointing.save(state, str(tmp))  # ends with a barrier
+    error = None
+    try:
+        metadata = _metadata(use_distributed_optimizer)
+        state = _model_state(model_chunks, metadata)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
+                                                          metadata=metadata)
+        state[_RNG_KEY] = _rng_sharded_object(_dp_cp_gather_rng())
+        state[_TRAINER_KEY] = {**trainer_state, "format_version": FORMAT_VERSION,
+                               "sharded_state_dict_metadata": _metadata(use_distributed_optimizer)}
+        dist_checkpointing.save(state, str(tmp))  # ends with a barrier
+    except (Exception, CheckpointException) as err:  # no space, I/O: agreed on below
+        error = _describe_save_error(err)
+    _agree_on_save(error, root, iteration, tmp)
 
+    error = None
     if rank == 0:
-        if final.exists():  # a checkpoint of the same iteration from an earlier run
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            shutil.rmtree(old, ignore_errors=True)
-        os.replace(tmp, final)
-        tracker_tmp = root / f".{TRACKER_FILE}.tmp"
-        tracker_tmp.write_text(f"{iteration}\n")
-        os.replace(tracker_tmp, root / TRACKER_FILE)
-    dist.barrier()
+        try:
+            if not (tmp / "metadata.json").is_file():
+                raise OSError(f"{tmp} has no metadata.json after the save")
+            if final.exists():  # a checkpoint of the same iteration from an earlier run
+                old = root / f".{final.name}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+            tracker_tmp = root / f".{TRACKER_FILE}.tmp"
+            with open(tracker_tmp, "w") as f:
+                f.write(f"{iteration}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tracker_tmp, root / TRACKER_FILE)  # the commit point
+        except OSError as err:
+            error = f"{type(err).__name__}: {err}"
+    _agree_on_save(error, root, iteration, tmp if tmp.exists() else final)
     return final
+
+
+def _describe_save_error(err: BaseException) -> str:
+    """One line for a failed `dist_checkpointing.save`. torch's CheckpointException (a
+    BaseException) carries the failing ranks' exceptions on the coordinator only."""
+    failures = getattr(err, "failures", None)
+    if isinstance(err, CheckpointException) and isinstance(failures, dict):
+        if not failures:
+            return "writing failed on another rank (the coordinator's error has the details)"
+        parts = []
+        for rank, failure in sorted(failures.items()):
+            exc = failure[0] if isinstance(failure, tuple) else failure
+            parts.append(f"writing failed on rank {rank} ({type(exc).__name__}: {exc})")
+        return "; ".join(parts)
+    return f"{type(err).__name__}: {err}"
+
+
+def _agree_on_save(local_error: Optional[str], root: pathlib.Path, iteration: int,
+                   incomplete: pathlib.Path) -> None:
+    """Collective: CheckpointSaveError on every rank if any rank failed (rank 0 removes the
+    incomplete folder first, best effort: with a full disk that gives the space back)."""
+    from q_tuning.parallel import comm
+
+    err = comm.errors_on_ranks(local_error)
+    if err is not None:
+        if dist.get_rank() == 0 and incomplete.name.startswith("."):
+            shutil.rmtree(incomplete, ignore_errors=True)
+        latest = _find_quietly(root)
+        raise CheckpointSaveError(
+            f"the checkpoint of iteration {iteration} could not be written ({err}); the "
+            f"incomplete {incomplete} is not a checkpoint"
+            + (" and was removed" if incomplete.name.startswith(".") else " (not committed)")
+            + (f"; the latest complete checkpoint is {latest}, intact: resume with --load "
+               f"{root}" if latest is not None else "; there is no complete checkpoint in "
+               f"{root}")) from None
+
+
+def _find_quietly(root: str | os.PathLike) -> Optional[pathlib.Path]:
+    """`find_checkpoint`, None instead of an error."""
+    try:
+        return find_checkpoint(root)
+    except CheckpointError:
+        return None
 
 
 def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer, *, load_optim: bool,

@@ -7,15 +7,31 @@ Public API:
     Sample(tokens, loss_mask, source, index, truncated)
     DataStats
     read_conversations(paths) -> (list[Conversation], skipped_no_assistant)
+    SKIP_NO_ASSISTANT, SKIP_TOO_LONG, TRUNCATED
     tokenize_conversation(tokenizer, messages, source=...) -> (tokens, loss_mask)
-    load_sft_samples(paths, tokenizer, seq_length) -> (list[Sample], DataStats)
+    load_sft_samples(paths, tokenizer, seq_length, *, strict=False) -> (list[Sample], DataStats)
     SFTDataset(samples, seed=..., stats=None), SFTDataset.from_jsonl(paths, tokenizer, ...)
 
 Input: JSONL files, one object per line, either
     {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]}  or
     {"prompt": str, "response": str}   (-> one user turn and one assistant turn).
-Other keys are ignored; blank lines are skipped. Errors name `file:line`. A conversation
-without an assistant turn has nothing to train on: it is counted and skipped.
+Other keys are ignored; blank lines are skipped.
+
+Bad records, one rule each (`DataStats.summary` is logged at start-up and names the `file:line`
+of the first few skipped or truncated records; `strict=True`, `--strict-data`, turns every skip
+into a DataError naming them):
+    malformed JSON, bytes that are not UTF-8, a record that is not an object, a missing or
+    mistyped field, an unknown role, an assistant turn first,
+    a chat template that fails on the record          rejected: DataError `file:line: ...`
+    no assistant turn                                  skipped, counted
+    no assistant token within --seq-length (the
+    response is empty after truncation)                skipped, counted
+    longer than --seq-length, with an assistant
+    token within it                                    truncated to --seq-length, kept, counted
+    no record left to train on                         DataError (with the summary)
+A rejected record means the file is not what the run assumes (wrong format, encoding or schema),
+so training on the rest would be training on something else; a skipped one is well-formed but
+has nothing to learn from.
 
 Loss-mask convention (that of slime's rollout `loss_masks`, over tokens, not shifted):
 `loss_mask[t] == 1` means token t is a training target, predicted from tokens[:t]. The trainer
@@ -65,6 +81,12 @@ class Sample:
     truncated: bool = False
 
 
+SKIP_NO_ASSISTANT = "no assistant turn"
+SKIP_TOO_LONG = "no assistant token within --seq-length"
+TRUNCATED = "truncated to --seq-length"
+EXAMPLES = 5  # file:line examples kept per kind
+
+
 @dataclasses.dataclass(slots=True)
 class DataStats:
     files: tuple[str, ...] = ()
@@ -75,14 +97,34 @@ class DataStats:
     skipped_too_long: int = 0  # no target token within seq_length: dropped
     tokens: int = 0  # over kept samples, after truncation
     loss_tokens: int = 0
+    # kind (SKIP_NO_ASSISTANT, SKIP_TOO_LONG, TRUNCATED) -> the first EXAMPLES "file:line"
+    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def skipped(self) -> int:
+        return self.skipped_no_assistant + self.skipped_too_long
+
+    def note(self, kind: str, source: str) -> None:
+        first = self.examples.setdefault(kind, [])
+        if len(first) < EXAMPLES:
+            first.append(source)
 
     def summary(self, seq_length: int | None = None) -> str:
         limit = f" --seq-length {seq_length}" if seq_length is not None else " seq_length"
         return (f"{self.samples} samples ({self.tokens} tokens, {self.loss_tokens} trained) from "
                 f"{self.records} records in {len(self.files)} file(s); "
-                f"{self.skipped_no_assistant} skipped (no assistant turn), "
-                f"{self.truncated} truncated to{limit}, "
-                f"{self.skipped_too_long} skipped (no assistant token within{limit})")
+                f"{self.skipped_no_assistant} skipped (no assistant turn)"
+                f"{self._where(SKIP_NO_ASSISTANT, self.skipped_no_assistant)}, "
+                f"{self.truncated} truncated to{limit}{self._where(TRUNCATED, self.truncated)}, "
+                f"{self.skipped_too_long} skipped (no assistant token within{limit})"
+                f"{self._where(SKIP_TOO_LONG, self.skipped_too_long)}")
+
+    def _where(self, kind: str, count: int) -> str:
+        first = self.examples.get(kind, [])
+        if not count or not first:
+            return ""
+        more = f" and {count - len(first)} more" if count > len(first) else ""
+        return f" [{', '.join(first)}{more}]"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -94,8 +136,14 @@ def read_conversations(paths: str | os.PathLike | Sequence[str | os.PathLike]
     Raises FileNotFoundError for a missing file (before reading any), DataError (`file:line:`)
     for malformed JSON, a missing or invalid field, or an unknown role.
     """
+    conversations, skipped = _read_conversations(paths)
+    return conversations, len(skipped)
+
+
+def _read_conversations(paths) -> tuple[list[Conversation], list[str]]:
+    """(conversations with an assistant turn, "file:line" of those without one)."""
     files = _as_paths(paths)
-    conversations, skipped = [], 0
+    conversations, skipped = [], []
     for path in files:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
@@ -111,11 +159,13 @@ def read_conversations(paths: str | os.PathLike | Sequence[str | os.PathLike]
                 except json.JSONDecodeError as e:
                     raise DataError(f"{source}: malformed JSON ({e.msg} at column {e.colno})"
                                     ) from None
+                except RecursionError:
+                    raise DataError(f"{source}: malformed JSON (nested too deeply)") from None
                 messages = _parse_record(record, source)
                 if any(m["role"] == "assistant" for m in messages):
                     conversations.append(Conversation(source, messages))
                 else:
-                    skipped += 1
+                    skipped.append(source)
     return conversations, skipped
 
 
@@ -232,38 +282,61 @@ def _assistant_char_spans(tokenizer, messages, text: str, source: str
 
 
 def load_sft_samples(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                     tokenizer: "PreTrainedTokenizerBase", seq_length: int
-                     ) -> tuple[list[Sample], DataStats]:
+                     tokenizer: "PreTrainedTokenizerBase", seq_length: int, *,
+                     strict: bool = False) -> tuple[list[Sample], DataStats]:
     """Read, tokenize and truncate to `seq_length` tokens; logs and returns the counts.
 
-    A sample longer than seq_length keeps its first seq_length tokens (counted as truncated);
-    one with no target token left is dropped (counted as skipped_too_long).
+    The module docstring's rules: a sample longer than seq_length keeps its first seq_length
+    tokens (counted as truncated); one with no target token left is dropped (counted as
+    skipped_too_long); one without an assistant turn is dropped (skipped_no_assistant). With
+    `strict`, any dropped record raises a DataError naming it (after reading everything, so the
+    message counts them all).
     """
     if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
         raise ValueError(f"--seq-length must be an integer >= 2, got {seq_length!r}")
-    conversations, skipped_no_assistant = read_conversations(paths)
+    conversations, no_assistant = _read_conversations(paths)
     stats = DataStats(files=tuple(str(p) for p in _as_paths(paths)),
-                      skipped_no_assistant=skipped_no_assistant)
-    stats.records = len(conversations) + skipped_no_assistant
+                      skipped_no_assistant=len(no_assistant))
+    for source in no_assistant:
+        stats.note(SKIP_NO_ASSISTANT, source)
+    stats.records = len(conversations) + len(no_assistant)
     samples: list[Sample] = []
+    skipped: list[tuple[str, str]] = [(src, SKIP_NO_ASSISTANT) for src in no_assistant]
     for conv in conversations:
         tokens, loss_mask = tokenize_conversation(tokenizer, conv.messages, source=conv.source)
         truncated = len(tokens) > seq_length
         if truncated:
             tokens, loss_mask = tokens[:seq_length], loss_mask[:seq_length]
-            if not bool(loss_mask.any()):
+            # mask[0] is never a target the trainer can use (it predicts tokens[1:])
+            if not bool(loss_mask[1:].any()):
                 stats.skipped_too_long += 1
+                stats.note(SKIP_TOO_LONG, conv.source)
+                skipped.append((conv.source, f"{SKIP_TOO_LONG} {seq_length}"))
                 continue
             stats.truncated += 1
+            stats.note(TRUNCATED, conv.source)
         samples.append(Sample(tokens, loss_mask, conv.source, len(samples), truncated))
         stats.tokens += len(tokens)
         stats.loss_tokens += int(loss_mask.sum())
     stats.samples = len(samples)
+    if strict and skipped:
+        skipped.sort(key=lambda item: _source_order(item[0], stats.files))
+        first_source, reason = skipped[0]
+        listed = "; ".join(f"{src} ({why})" for src, why in skipped[:EXAMPLES])
+        more = f" and {len(skipped) - EXAMPLES} more" if len(skipped) > EXAMPLES else ""
+        raise DataError(f"{first_source}: {reason} (--strict-data: {len(skipped)} record(s) "
+                        f"would be skipped: {listed}{more})")
     logger.info("data: %s", stats.summary(seq_length))
     if not samples:
         raise DataError(f"no trainable sample in {', '.join(stats.files)}: "
                         f"{stats.summary(seq_length)}")
     return samples, stats
+
+
+def _source_order(source: str, files: Sequence[str]) -> tuple[int, int]:
+    """Sort key of a "file:line" source: the file's position in --data-path, then the line."""
+    path, _, line = source.rpartition(":")
+    return (files.index(path) if path in files else len(files), int(line))
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -298,9 +371,17 @@ class SFTDataset:
     @classmethod
     def from_jsonl(cls, paths: str | os.PathLike | Sequence[str | os.PathLike],
                    tokenizer: "PreTrainedTokenizerBase", *, seq_length: int,
-                   seed: int) -> "SFTDataset":
-        samples, stats = load_sft_samples(paths, tokenizer, seq_length)
+                   seed: int, strict: bool = False) -> "SFTDataset":
+        samples, stats = load_sft_samples(paths, tokenizer, seq_length, strict=strict)
         return cls(samples, seed=seed, stats=stats)
+
+    def digest(self) -> str:
+        """A short hash of what the samples are (source, length, target count, in order), for
+        checking that every rank read the same data."""
+        h = hashlib.sha256()
+        for s in self.samples:
+            h.update(f"{s.source}|{len(s.tokens)}|{int(s.loss_mask.sum())}\n".encode())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.samples)

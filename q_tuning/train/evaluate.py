@@ -234,10 +234,10 @@ def load_model(path: str):
     from transformers import AutoModelForCausalLM
 
     from q_tuning.train.assets import load_tokenizer
-    from q_tuning.train.model import _resolve
+    from q_tuning.train.model import resolve_checkpoint
 
     try:  # the tokenizer first: a folder without one fails before the (slow) weights load
-        folder, gguf = _resolve(path)
+        folder, gguf = resolve_checkpoint(path)
         tokenizer = load_tokenizer(path)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(f"--hf-checkpoint: {e}") from None

@@ -15,6 +15,11 @@ MASTER_PORT (rank 0's node and a port free there), then runs the trainer's `main
 own process. On a cluster without GPUs, "GPUs per node" means processes per node and the trainer
 runs with `--device cpu` (gloo).
 
+Failures: the launcher waits for the actors one by one; as soon as one fails (a non-zero status,
+an exception, or its process died) it gives the others `_GRACE_SECONDS` to end by themselves
+(they usually do: their next collective fails), then kills them and exits with a non-zero status,
+so a lost process never leaves the job hanging.
+
 Flags of the launcher (all others go to the trainer unchanged):
     --actor-num-nodes N, --actor-num-gpus-per-node G   world size N x G
     --ray-address ADDR    cluster to join (default: $RAY_ADDRESS, else start a local one)
@@ -26,11 +31,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
+import time
 from typing import Optional, Sequence
 
+from q_tuning.parallel.process_group import free_port
+
 __all__ = ["main", "launch"]
+
+_GRACE_SECONDS = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -57,9 +66,7 @@ class _TrainerProcess:
         return ray.util.get_node_ip_address(), sorted(int(g) for g in gpu_ids)
 
     def free_port(self) -> int:
-        with socket.socket() as s:
-            s.bind(("", 0))
-            return s.getsockname()[1]
+        return free_port("")
 
     def run(self, env: dict[str, str], argv: list[str]) -> int:
         os.environ.update(env)
@@ -109,7 +116,7 @@ def launch(num_nodes: int, procs_per_node: int, trainer_argv: Sequence[str], *,
         order = sorted(range(world), key=lambda i: (nodes.index(where[i][0]), where[i][1], i))
         master_addr = where[order[0]][0]
         master_port = ray.get(actors[order[0]].free_port.remote())
-        runs = []
+        runs, rank_actors = [], []
         for rank, i in enumerate(order):
             same_node = [j for j in order if where[j][0] == where[i][0]]
             env = {"RANK": str(rank), "WORLD_SIZE": str(world),
@@ -119,11 +126,46 @@ def launch(num_nodes: int, procs_per_node: int, trainer_argv: Sequence[str], *,
             if not use_gpu:
                 env["TORCHDYNAMO_DISABLE"] = "1"
             runs.append(actors[i].run.remote(env, argv))
-        status = max(ray.get(runs))
+            rank_actors.append(actors[i])
+        status = _wait_for_ranks(ray, runs, rank_actors)
         remove_placement_group(group)
         return status
     finally:
         ray.shutdown()
+
+
+def _wait_for_ranks(ray, runs: list, actors: list) -> int:
+    """The worst exit status of the ranks (`runs[r]` is rank r's run, on `actors[r]`). After
+    the first failure the others get `_GRACE_SECONDS` to end, then are killed (status 1 for a
+    rank that raised or died)."""
+    rank_of = {ref: rank for rank, ref in enumerate(runs)}
+    pending, status, failed = list(runs), 0, []
+    deadline = None
+    while pending:
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=timeout)
+        if not done:  # the grace period is over
+            print(f"ray_launcher: rank(s) {failed} failed; killing rank(s) "
+                  f"{sorted(rank_of[r] for r in pending)}, still running", file=sys.stderr,
+                  flush=True)
+            for ref in pending:
+                ray.kill(actors[rank_of[ref]], no_restart=True)
+            return max(status, 1)
+        for ref in done:
+            try:
+                code = int(ray.get(ref))
+            except Exception as err:  # the actor raised or its process died
+                lines = str(err).strip().splitlines()
+                print(f"ray_launcher: rank {rank_of[ref]} failed: "
+                      f"{lines[-1] if lines else type(err).__name__}", file=sys.stderr,
+                      flush=True)
+                code = 1
+            status = max(status, code)
+            if code != 0:
+                failed.append(rank_of[ref])
+                if deadline is None:
+                    deadline = time.monotonic() + _GRACE_SECONDS
+    return status
 
 
 def _device(argv: Sequence[str]) -> Optional[str]:

@@ -15,12 +15,21 @@ One step (`train_step`), on every rank:
    current weights (no-grad, eval mode), keeps the selected samples (exactly G under `refill`),
    prunes Q2 tokens and rebalances the kept samples over DP; dropped samples leave the batch;
 3. the `--rollout-data-postprocess-path` hooks, `(args, rollout_id, rollout_data)` with
-   rollout_id the 0-based step: with Q-Tuning the pruner calls them after its decision (they
-   see every scored sample, its statistics and whether it is kept, and may edit `loss_masks`),
+   rollout_id the 1-based iteration (as in metrics.jsonl and TensorBoard): with Q-Tuning the
+   pruner calls them after its decision (they see every scored sample, its statistics and
+   whether it is kept, and may edit `loss_masks`),
    without it they get the step's batch (`tokens`, `loss_masks`, `sample_index`);
 4. `forward_backward_step`: megatron-core's schedule with the per-token loss (the mean over all
    kept tokens of the step, across micro-batches and DP x CP ranks), megatron's
    `finalize_model_grads`, `optimizer.step()` (clipping inside), the LR scheduler.
+
+Failures (docs/user_guide.md, "Failures and recovery"): `--exit-signal-handler` (SIGTERM) and
+`--exit-duration-in-mins` are agreed on by all ranks once per iteration (`comm.any_rank`), then
+every rank stops after that iteration, saves and returns normally; `--check-for-nan-in-loss-and-
+grad` (on by default) agrees before each optimizer step whether any rank's loss or gradients are
+non-finite, and then skips that step on every rank; a failed save raises
+`checkpointing.CheckpointSaveError` on every rank; data that fails to load on any rank, or differs
+between ranks, is an error on every rank before the model is built.
 
 Composability: TP / PP / VPP / CP are megatron-core's (model chunks from
 `q_tuning.train.model`, the schedule from `get_forward_backward_func`); DP is megatron-core's
@@ -33,12 +42,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import importlib.util
 import logging
-import os
+import math
 import pathlib
 import random
+import signal
 import threading
 import time
 import warnings
@@ -48,8 +57,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from q_tuning import QTuningConfig, QTuningPruner, format_report
+from q_tuning import QTuningConfig, QTuningPruner, RunShape, StepReport, format_report
+from q_tuning.parallel.process_group import join_process_group
 from q_tuning.observe import load_hooks, log_step
+from q_tuning.parallel import comm
 from q_tuning.train import checkpointing
 from q_tuning.train.arguments import (samples_per_step, train_iters_for_epochs,
                                       validate_parallel_sizes)
@@ -70,32 +81,10 @@ def _use_cuda(args: argparse.Namespace) -> bool:
 
 
 def init_distributed(args: argparse.Namespace) -> bool:
-    """Join (or, for a plain single-process run, create) the default process group.
-
-    torchrun / the Ray launcher set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT. An
-    already initialised group (tests, an embedding program) is used as it is. Returns whether
-    this call created the group (its creator destroys it at the end). On CPU this also installs
-    `mcore_cpu`, which megatron-core needs there.
-    """
-    cuda = _use_cuda(args)
-    if cuda:
-        # Ray gives each actor one visible GPU; torchrun shows a node's GPUs to every process.
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    else:
-        import mcore_cpu
-
-        torch._dynamo.config.disable = True  # megatron's jit warm-ups would query CUDA
-        mcore_cpu.install()
-    if dist.is_initialized():
-        return False
-    backend = args.distributed_backend or ("nccl" if cuda else "gloo")
-    if "RANK" not in os.environ:  # a plain `python -m q_tuning.train ...`: one process
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group(
-        backend, timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes))
-    return True
+    """Join (or for one process create) the default process group (`join_process_group`);
+    returns whether this call created it."""
+    return join_process_group(cuda=_use_cuda(args), backend=args.distributed_backend,
+                              timeout_minutes=args.distributed_timeout_minutes)
 
 
 def quiet_expected_warnings(args: argparse.Namespace) -> None:
@@ -109,14 +98,6 @@ def quiet_expected_warnings(args: argparse.Namespace) -> None:
     if not _use_cuda(args):
         warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
         warnings.filterwarnings("ignore", message="Apex is not installed")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -156,11 +137,41 @@ def _seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
+class _ExitSignal:
+    """Megatron-LM's DistributedSignalHandler (`--exit-signal-handler`): the handler only sets a
+    flag; the trainer all-reduces it once per iteration so that every rank stops after the same
+    one. Signal handlers can be set in the main thread only; elsewhere (an embedding program's
+    worker thread) this warns and does nothing."""
+
+    def __init__(self, sig: signal.Signals = signal.SIGTERM):
+        self.sig = sig
+        self.received = False
+        self._previous = None
+        self.installed = False
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            logger.warning("--exit-signal-handler: not in the main thread, %s is not handled",
+                           self.sig.name)
+            return
+        self._previous = signal.signal(self.sig, self._handle)
+        self.installed = True
+
+    def _handle(self, signum, frame) -> None:  # nothing else here: it interrupts any code
+        self.received = True
+
+    def restore(self) -> None:
+        if self.installed:
+            signal.signal(self.sig, self._previous)
+            self.installed = False
+
+
 @dataclasses.dataclass(slots=True)
 class _Interval:
-    """Sums over the steps since the last log line."""
+    """Sums over the steps since the last log line (loss sums over steps not skipped)."""
 
     steps: int = 0
+    skipped: int = 0
     loss_sum: float = 0.0
     loss_tokens: int = 0
     samples: int = 0
@@ -174,10 +185,22 @@ class Trainer:
     """Build with `Trainer(args)` (every rank), run `train()`, always `close()`."""
 
     def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.start_time = time.time()  # --exit-duration-in-mins counts from here
+        self.exit_signal = _ExitSignal()
+        if args.exit_signal_handler:  # from here on SIGTERM means "stop after this iteration"
+            self.exit_signal.install()
+        try:
+            self._build()
+        except BaseException:
+            self.exit_signal.restore()
+            raise
+
+    def _build(self) -> None:
         from q_tuning.train import model as hf_model
 
         # core configs (checked before anything expensive or anything is written)
-        self.args = args
+        args = self.args
         self.world_size = dist.get_world_size()
         self.rank = dist.get_rank()
         self.cuda = _use_cuda(args)
@@ -185,6 +208,7 @@ class Trainer:
         self.hf_config = hf_model.read_hf_config(args.hf_checkpoint)
         self.transformer_config = self._transformer_config(hf_model)
         self._init_parallel_state()
+        self._check_save_folder()
 
         # data
         self.tokenizer, self.dataset = self._build_data()
@@ -200,12 +224,11 @@ class Trainer:
         self.postprocess_hooks = load_hooks(args.rollout_data_postprocess_path or [])
         # With Q-Tuning the pruner calls the hooks itself, between its decision and the
         # rebalance, with the scored samples and their statistics (`QTuningPruner.rollout_data`).
-        self.pruner = (QTuningPruner(QTuningConfig.from_args(args),
-                                     micro_batch_size=args.micro_batch_size,
-                                     seq_length=args.seq_length,
-                                     max_tokens_per_gpu=self._max_tokens_per_row(), log=False,
-                                     hooks=self.postprocess_hooks, hook_args=args,
-                                     total_steps=args.train_iters)
+        run = RunShape(micro_batch_size=args.micro_batch_size, seq_length=args.seq_length,
+                       max_tokens_per_row=self._max_tokens_per_row(),
+                       total_steps=self.train_iters)
+        self.pruner = (QTuningPruner(QTuningConfig.from_args(args), run, log=False,
+                                     hooks=self.postprocess_hooks, hook_args=args)
                        if args.enable_q_tuning else None)
 
         # runtime state
@@ -213,9 +236,12 @@ class Trainer:
         self.consumed_samples = 0
         self.trained_samples = 0
         self.trained_tokens = 0
+        self.skipped_iterations = 0  # optimizer steps skipped for non-finite loss or gradients
         self.last_saved_iteration: Optional[int] = None
+        self.stop_reason: Optional[str] = None  # why train() stopped before train_iters
         if self.resume_from is not None:
             self._resume()
+        self.start_iteration = self.iteration  # 0, or the resumed checkpoint's iteration
         self.writer = self._tensorboard_writer()
 
     # -- building ---------------------------------------------------------------------------------
@@ -234,16 +260,45 @@ class Trainer:
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
 
+    def _check_save_folder(self) -> None:
+        """Every rank writes a probe file into --save (each writes its own shards there); any
+        failure is an error on every rank, before the data and the model load."""
+        if self.args.save is None:
+            return
+        error = comm.errors_on_ranks(checkpointing.check_writable(self.args.save))
+        if error is not None:
+            raise ValueError(f"--save {self.args.save}: {error}")
+
     def _build_data(self):
+        """Tokenizer and dataset, read on every rank. A failure on any rank (bad data, a missing
+        file, a tokenizer that does not load) or ranks that read different data are an error on
+        every rank, so no rank goes on into the model's collectives alone."""
         from q_tuning.train.assets import load_tokenizer
         from q_tuning.train.data import SFTDataset
 
         args = self.args
-        with progress("loading the tokenizer"):
-            tokenizer = load_tokenizer(args.tokenizer_path or args.hf_checkpoint)
-        with progress(f"tokenizing {', '.join(args.data_path)}"):
-            dataset = SFTDataset.from_jsonl(args.data_path, tokenizer,
-                                            seq_length=args.seq_length, seed=args.seed)
+        error, tokenizer, dataset = None, None, None
+        try:
+            with progress("loading the tokenizer"):
+                tokenizer = load_tokenizer(args.tokenizer_path or args.hf_checkpoint)
+            with progress(f"tokenizing {', '.join(args.data_path)}"):
+                dataset = SFTDataset.from_jsonl(args.data_path, tokenizer,
+                                                seq_length=args.seq_length, seed=args.seed,
+                                                strict=args.strict_data)
+        except (ValueError, OSError) as err:  # DataError, FileNotFoundError, I/O errors
+            if self.world_size == 1:
+                raise
+            error = str(err)
+        agreed = comm.errors_on_ranks(error)
+        if agreed is not None:
+            raise ValueError(error if error is not None and agreed.startswith("all ")
+                             else agreed)
+        what = f"{len(dataset)} samples, digest {dataset.digest()}"
+        seen = comm.all_gather_objects(what, None)
+        if len(set(seen)) > 1:
+            raise ValueError("the ranks read different training data (" + "; ".join(
+                f"rank {r}: {w}" for r, w in enumerate(seen)) + "): give every rank the same "
+                "--data-path files, --seq-length and tokenizer")
         return tokenizer, dataset
 
     def _checkpoint_to_resume(self) -> Optional[pathlib.Path]:
@@ -252,6 +307,11 @@ class Trainer:
         if args.load is None:
             return None
         path = checkpointing.find_checkpoint(args.load)
+        if self.rank == 0:
+            for partial in checkpointing.incomplete_checkpoints(args.load):
+                logger.warning("--load %s: ignoring %s: a save that did not finish (never "
+                               "loaded; the next save of that iteration replaces it)", args.load,
+                               partial)
         if path is None:
             logger.info("--load %s: no checkpoint there, starting from %s", args.load,
                         args.hf_checkpoint)
@@ -425,9 +485,18 @@ class Trainer:
         return {"tokens": [s.tokens for s in mine], "loss_masks": [s.loss_mask for s in mine],
                 "sample_index": [s.index for s in mine]}
 
-    def forward_backward_step(self, batch: dict[str, list]) -> tuple[torch.Tensor, Optional[float]]:
+    def forward_backward_step(self, batch: dict[str, list]
+                              ) -> tuple[torch.Tensor, Optional[float], Optional[str]]:
         """Gradient step on `batch`; returns ([sum of token losses, loss tokens] of this rank's
-        micro-batches (zeros off the last pipeline stage), grad norm)."""
+        micro-batches (zeros off the last pipeline stage), grad norm, and why the optimizer step
+        was skipped (None: it was not)).
+
+        `--check-for-nan-in-loss-and-grad`: all ranks agree whether any rank's loss or gradients
+        (after the data-parallel reduction) hold NaN/inf; if so no rank steps the optimizer or
+        the LR schedule. megatron-core's optimizer itself skips only on a loss-scaler overflow
+        (fp16), which this trainer does not use, so without the check such a step would write
+        NaN into the weights.
+        """
         from q_tuning.parallel.training import forward_backward
 
         for chunk in self.model:
@@ -435,19 +504,35 @@ class Trainer:
         self.optimizer.zero_grad()
         outputs = forward_backward(self.model, batch, micro_batch_size=self.args.micro_batch_size,
                                    max_tokens_per_row=self._max_tokens_per_row())
-        update_successful, grad_norm, _ = self.optimizer.step()
-        if update_successful:
-            self.scheduler.step(increment=1)
         loss = torch.zeros(2, dtype=torch.float64)
         for out in outputs:
             loss += out["lm loss"].detach().to("cpu", torch.float64)
-        return loss, grad_norm
+        skipped = None
+        if self.args.check_for_nan_in_loss_and_grad:
+            bad_loss, bad_grad = comm.any_rank([not bool(torch.isfinite(loss).all()),
+                                                not self._local_grads_finite()])
+            if bad_loss or bad_grad:
+                skipped = " and ".join(w for w, bad in (("loss", bad_loss),
+                                                        ("gradients", bad_grad)) if bad)
+        if skipped is not None:
+            return loss, None, skipped
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        return loss, grad_norm, None if update_successful else "the optimizer's overflow check"
+
+    def _local_grads_finite(self) -> bool:
+        """Whether this rank's gradient buffers hold only finite values (one sum per buffer: a
+        NaN or inf anywhere makes it non-finite, and no extra memory is needed)."""
+        for chunk in self.model:
+            for buffer in list(chunk.buffers) + list(chunk.expert_parallel_buffers):
+                if not bool(torch.isfinite(buffer.grad_data.sum(dtype=torch.float32))):
+                    return False
+        return True
 
     def train_step(self) -> dict:
         """One iteration (module docstring); returns the step's global metrics."""
         from megatron.core import parallel_state as ps
-
-        from q_tuning.parallel import comm
 
         start = time.perf_counter()
         batch = self.next_batch()
@@ -456,12 +541,12 @@ class Trainer:
             refill = self.args.q_tuning_batch_policy == "refill"
             batch, report = self.pruner.prune(
                 self.model, batch, keep_count=self.args.global_batch_size if refill else None,
-                rollout_id=self.iteration)
+                step=self.iteration + 1)
         else:
             for hook in self.postprocess_hooks:
-                hook(self.args, self.iteration, batch)
+                hook(self.args, self.iteration + 1, batch)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        loss, grad_norm = self.forward_backward_step(batch)
+        loss, grad_norm, skipped = self.forward_backward_step(batch)
 
         # Global sums: the loss lives on the last stage, split over DP x CP; counts per replica.
         dist.all_reduce(loss, group=ps.get_data_parallel_group(with_context_parallel=True))
@@ -478,15 +563,31 @@ class Trainer:
                                f"{int(loss_count)} loss tokens, the batch has {loss_tokens}")
         self.iteration += 1
         self.consumed_samples += self.samples_per_step
-        self.trained_samples += samples
-        self.trained_tokens += tokens
+        if skipped is None:
+            self.trained_samples += samples
+            self.trained_tokens += tokens
+        else:
+            self.skipped_iterations += 1
+            if self.rank == 0:
+                logger.warning(
+                    "iteration %d: non-finite %s (global loss sum %s over %d tokens); "
+                    "--check-for-nan-in-loss-and-grad: optimizer step skipped on every rank "
+                    "(weights, optimizer state and LR schedule unchanged; the step's samples "
+                    "are consumed; %d skipped so far)", self.iteration, skipped, loss_sum,
+                    loss_tokens, self.skipped_iterations)
         return {"iteration": self.iteration, "loss_sum": loss_sum, "loss_tokens": loss_tokens,
                 "loss": loss_sum / max(loss_count, 1.0), "lr": lr, "grad_norm": grad_norm,
                 "samples": samples, "tokens": tokens, "seconds": time.perf_counter() - start,
-                "q_tuning": report}
+                "q_tuning": report, "skipped": skipped}
 
     def train(self) -> list[dict]:
-        """Train to `train_iters`, logging, saving and exporting as the flags say."""
+        """Train to `train_iters`, logging, saving and exporting as the flags say.
+
+        Stops early, after a complete iteration and on every rank together, on SIGTERM
+        (`--exit-signal-handler`), after `--exit-duration-in-mins` or at `--exit-interval`; it
+        then saves (with --save) and returns normally, without the --export-hf export (the run
+        is not finished: resume it with --load). `stop_reason` says why.
+        """
         args = self.args
         logger.info("training: %d iterations of %d samples (%s), %d data-parallel rank(s), "
                     "starting at iteration %d", self.train_iters, self.samples_per_step,
@@ -495,33 +596,73 @@ class Trainer:
         history: list[dict] = []
         interval = _Interval()
         start = time.perf_counter()
-        while self.iteration < self.train_iters:
-            step = self.train_step()
-            interval.steps += 1
-            interval.loss_sum += step["loss_sum"]
-            interval.loss_tokens += step["loss_tokens"]
-            interval.samples += step["samples"]
-            interval.tokens += step["tokens"]
-            interval.seconds += step["seconds"]
-            if self.iteration % args.log_interval == 0 or self.iteration == self.train_iters:
+        try:
+            while self.iteration < self.train_iters:
+                step = self.train_step()
+                interval.steps += 1
+                if step["skipped"] is None:
+                    interval.loss_sum += step["loss_sum"]
+                    interval.loss_tokens += step["loss_tokens"]
+                    interval.samples += step["samples"]
+                    interval.tokens += step["tokens"]
+                else:
+                    interval.skipped += 1
+                interval.seconds += step["seconds"]
+                if self.iteration % args.log_interval == 0 or self.iteration == self.train_iters:
+                    history.append(self._log(step, interval, time.perf_counter() - start))
+                    interval = _Interval()
+                if args.save_interval and self.iteration % args.save_interval == 0:
+                    self.save()
+                if self.iteration == self.train_iters:
+                    break
+                # At the end of every iteration, as Megatron-LM (a signal during start-up is
+                # acted on after the first iteration).
+                self.stop_reason = self._agreed_stop()
+                if self.stop_reason is None and args.exit_interval \
+                        and self.iteration % args.exit_interval == 0:
+                    self.stop_reason = f"--exit-interval {args.exit_interval}"
+                if self.stop_reason is not None:
+                    break
+            if interval.steps:  # a stop between log lines: log what was trained
                 history.append(self._log(step, interval, time.perf_counter() - start))
-                interval = _Interval()
-            if args.save_interval and self.iteration % args.save_interval == 0:
+            if self.stop_reason is not None:
+                logger.info("%s: stopping after iteration %d of %d%s", self.stop_reason,
+                            self.iteration, self.train_iters,
+                            f", saving a checkpoint to {args.save}" if args.save
+                            and self.last_saved_iteration != self.iteration else "")
+            if args.save and self.last_saved_iteration != self.iteration and self.iteration > 0:
                 self.save()
-            if args.exit_interval and self.iteration % args.exit_interval == 0:
-                logger.info("--exit-interval %d: stopping at iteration %d", args.exit_interval,
-                            self.iteration)
-                break
-        if args.save and self.last_saved_iteration != self.iteration:
-            self.save()
-        if args.export_hf:
-            self.export_hf()
+            if args.export_hf:
+                if self.stop_reason is None:
+                    self.export_hf()
+                else:
+                    logger.info("--export-hf: not exported, the run stopped before --train-iters "
+                                "(resume it with --load to finish and export)")
+        finally:
+            self.exit_signal.restore()
         return history
 
+    def _agreed_stop(self) -> Optional[str]:
+        """Collective (when an exit flag is set): why every rank stops now, or None."""
+        args = self.args
+        if not (args.exit_signal_handler or args.exit_duration_in_mins):
+            return None
+        elapsed = (time.time() - self.start_time) / 60.0
+        signalled, timed_out = comm.any_rank([
+            self.exit_signal.received,
+            args.exit_duration_in_mins is not None and elapsed > args.exit_duration_in_mins])
+        if signalled:
+            return f"received {self.exit_signal.sig.name} (--exit-signal-handler)"
+        if timed_out:
+            return (f"--exit-duration-in-mins {args.exit_duration_in_mins:g} reached "
+                    f"({elapsed:.2f} minutes on this rank)")
+        return None
+
     def _log(self, step: dict, interval: _Interval, elapsed: float) -> dict:
+        trained = interval.steps - interval.skipped
         metrics = {
             "iteration": self.iteration,
-            "loss": interval.loss_sum / max(interval.loss_tokens, 1),
+            "loss": interval.loss_sum / max(interval.loss_tokens, 1) if trained else math.nan,
             "step_loss": step["loss"],
             "lr": step["lr"],
             "grad_norm": step["grad_norm"],
@@ -531,7 +672,8 @@ class Trainer:
             "loss_tokens": interval.loss_tokens,
             "trained_samples": self.trained_samples, "trained_tokens": self.trained_tokens,
             "consumed_samples": self.consumed_samples,
-            "q_tuning": step["q_tuning"],
+            "skipped_iterations": interval.skipped,
+            "q_tuning": None if step["q_tuning"] is None else step["q_tuning"].to_json(),
         }
         if self.rank == 0:
             grad = "n/a" if metrics["grad_norm"] is None else f"{metrics['grad_norm']:.4f}"
@@ -543,13 +685,17 @@ class Trainer:
                 metrics["tokens_per_second"], metrics["seconds_per_iteration"],
                 metrics["samples"], metrics["tokens"], self.trained_samples, self.trained_tokens,
                 elapsed, eta)
+            if interval.skipped:
+                logger.info("  %d of these %d iteration(s) skipped (non-finite loss or "
+                            "gradients; %d in this run)", interval.skipped, interval.steps,
+                            self.skipped_iterations)
             if step["q_tuning"] is not None:
                 for line in format_report(step["q_tuning"]).splitlines():
                     logger.info("%s", line)
-            self._write_scalars(metrics)
+            self._write_scalars(metrics, step["q_tuning"])
         return metrics
 
-    def _write_scalars(self, metrics: dict) -> None:
+    def _write_scalars(self, metrics: dict, report: StepReport | None) -> None:
         if self.writer is None:
             return
         it = metrics["iteration"]
@@ -558,8 +704,8 @@ class Trainer:
                     "consumed_samples", "grad_norm"):
             if metrics[key] is not None:
                 self.writer.add_scalar(f"train/{key}", metrics[key], it)
-        if metrics["q_tuning"] is not None:  # last_decision belongs to the step just trained
-            log_step(self.writer, metrics["q_tuning"], self.pruner.last_decision, it)
+        if report is not None:  # last_decision belongs to the step just trained
+            log_step(self.writer, report, self.pruner.last_decision, it)
         self.writer.flush()
 
     def close(self) -> None:
@@ -568,4 +714,6 @@ class Trainer:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
             self.writer = None
+        if getattr(self, "exit_signal", None) is not None:
+            self.exit_signal.restore()
         ps.destroy_model_parallel()

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -53,6 +54,23 @@ TINY_GPT_FLAGS = [
     "--seed", "1234", "--log-interval", "1", "--eval-interval", "1000", "--eval-iters", "1",
     "--num-workers", "0", "--attention-dropout", "0.0", "--hidden-dropout", "0.0",
 ]
+
+
+def _drop_flags(flags: list[str], names: tuple[str, ...]) -> list[str]:
+    """`flags` without each of `names` and the value after it."""
+    out, skip = [], False
+    for f in flags:
+        if not skip and f not in names:
+            out.append(f)
+        skip = not skip and f in names
+    return out
+
+
+# The same GPT with Megatron-LM's default positions: learned absolute (no --position-embedding-type
+# flag), exactly --seq-length of them (32).
+LEARNED_POSITIONS_GPT_FLAGS = _drop_flags(
+    TINY_GPT_FLAGS, ("--position-embedding-type", "--max-position-embeddings")
+) + ["--max-position-embeddings", "32"]
 
 
 def find_cuda_home() -> str:
@@ -109,10 +127,11 @@ def torchrun_command(nproc: int, script_args: list[str], *, q_tuning: bool,
 
 
 def run_pretrain_gpt(checkout: Path, nproc: int, extra_flags: list[str], *, q_tuning: bool,
-                     train_iters: int = 3, timeout: float = 480.0) -> subprocess.CompletedProcess:
+                     train_iters: int = 3, timeout: float = 480.0,
+                     base_flags: list[str] = TINY_GPT_FLAGS) -> subprocess.CompletedProcess:
     """Run the unmodified `pretrain_gpt.py` of `checkout` (cwd) on `nproc` gloo processes; the
     whole process group is killed after `timeout` seconds (a hang fails, never blocks)."""
-    args = [*TINY_GPT_FLAGS, "--train-iters", str(train_iters), *extra_flags]
+    args = [*base_flags, "--train-iters", str(train_iters), *extra_flags]
     cmd = torchrun_command(nproc, args, q_tuning=q_tuning)
     proc = subprocess.Popen(cmd, cwd=checkout, env=launch_env(checkout), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -139,6 +158,15 @@ def q_tuning_reports(output: str) -> list[tuple[dict, tuple[int, int]]]:
     quadrants = re.findall(r"\[Q-Tuning\] Quadrant distribution: (\{[^}]*\})", output)
     kept = re.findall(r"\[Q-Tuning\] Kept (\d+)/(\d+) samples", output)
     return [(ast.literal_eval(q), (int(k), int(t))) for q, (k, t) in zip(quadrants, kept)]
+
+
+_STEP = re.compile(r"\[Q-Tuning\] step (\d+): kept samples (\[[^\]]*\]) of (\d+);")
+
+
+def q_tuning_steps(output: str) -> list[tuple[int, list[int]]]:
+    """Per pruned step, in order: (step number, global indices of the kept samples), from the
+    adapter's `[Q-Tuning] step N: kept samples [...] of M; ...` lines."""
+    return [(int(m.group(1)), ast.literal_eval(m.group(2))) for m in _STEP.finditer(output)]
 
 
 def trained_tokens(output: str) -> list[int]:
@@ -237,66 +265,204 @@ def _step_forward(model, data_iterator, micro_batch_size: int):
     return out, partial(loss_func, loss_mask)
 
 
-def step_worker(rank, world_size, tp, pp, vpp, keep_ratio: float, micro_batch_size: int,
-                num_micro_batches: int, forward_only: bool = False):
-    """One adapter step on this rank's share of `step_rows`; returns what the tests compare."""
-    import types
+def step_args(micro_batch_size: int, iteration: int = 0, **overrides) -> types.SimpleNamespace:
+    """Megatron-LM's `get_args()` as the adapter reads it (`q_tuning_*` settings in overrides);
+    `iteration`: Megatron's 0-based `curr_iteration`."""
+    base = dict(micro_batch_size=micro_batch_size, seq_length=STEP_SEQ, enable_q_tuning=True,
+                calculate_per_token_loss=True, curr_iteration=iteration, train_iters=10,
+                position_embedding_type="rope", max_position_embeddings=STEP_SEQ + 1)
+    return types.SimpleNamespace(**{**base, **overrides})
+
+
+def run_step(step, chunks, micro_batches: list[dict], args, *, forward_only: bool = False
+             ) -> dict:
+    """One call of `step`'s wrapped forward-backward function with keyword arguments, as
+    Megatron-LM's `train_step` makes it: fresh `RerunDataIterator`s over `micro_batches` plus one
+    spare item on the ranks that read data. Returns the losses, the micro-batch counts the
+    schedule was told, and whether each iterator was left at the spare item."""
     from functools import partial
 
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.rerun_state_machine import RerunDataIterator
 
-    from q_tuning import QTuningConfig, QTuningPruner
+    spare = {"tokens": None}  # one more item: the step must take exactly its own
+    iterators = []
+    for i in range(len(chunks)):
+        reads = ps.get_tensor_model_parallel_rank() == 0 and (
+            ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i)
+            or ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
+        iterators.append(RerunDataIterator(iter(micro_batches + [spare])) if reads else None)
+    calls = []
+    inner = get_forward_backward_func()
+
+    def recording_inner(**kwargs):
+        calls.append(kwargs["num_microbatches"])
+        return inner(**kwargs)
+
+    for c in chunks:
+        c.zero_grad_buffer()
+    losses = step.wrap(recording_inner, args)(
+        forward_step_func=partial(_swap_args, args.micro_batch_size),
+        data_iterator=iterators if len(chunks) > 1 else iterators[0], model=chunks,
+        num_microbatches=len(micro_batches), seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size, forward_only=forward_only)
+    return {"calls": calls, "left": [next(it) is spare for it in iterators if it is not None],
+            "losses": [{k: v.tolist() for k, v in d.items()} for d in losses]}
+
+
+def _local_micro_batches(micro_batch_size: int, num_micro_batches: int) -> list[dict]:
+    """This DP rank's share of `step_rows`, as micro-batches."""
+    from megatron.core import parallel_state as ps
+
+    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    local_rows = num_micro_batches * micro_batch_size
+    rows = step_rows(local_rows * dp_size)[dp_rank * local_rows:(dp_rank + 1) * local_rows]
+    return rows_to_micro_batches(rows, micro_batch_size)
+
+
+def step_worker(rank, world_size, tp, pp, vpp, keep_ratio: float, micro_batch_size: int,
+                num_micro_batches: int, forward_only: bool = False):
+    """One adapter step on this rank's share of `step_rows`; returns what the tests compare."""
+    from megatron.core import parallel_state as ps
+
     from q_tuning.megatron_lm.step import QTuningStep
-    from tests._pruner_dist import MODEL, _wrap_ddp
+    from tests.harness.fixtures import MODEL, wrap_ddp
     from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
                                         init_parallel)
 
     init_parallel(tp=tp, pp=pp, vpp=vpp)
     try:
-        chunks = _wrap_ddp(build_tiny_gpt(**MODEL))
-        dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        local_rows = num_micro_batches * micro_batch_size
-        rows = step_rows(local_rows * dp_size)[dp_rank * local_rows:(dp_rank + 1) * local_rows]
-        micro_batches = rows_to_micro_batches(rows, micro_batch_size)
-        spare = {"tokens": None}  # one more item: the step must take exactly its own
-        iterators = []
-        for i in range(len(chunks)):
-            reads = ps.get_tensor_model_parallel_rank() == 0 and (
-                ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=i)
-                or ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=i))
-            iterators.append(RerunDataIterator(iter(micro_batches + [spare])) if reads else None)
-        config = QTuningConfig(sample_keep_ratio=keep_ratio, token_keep_ratio=0.6)
-        args = types.SimpleNamespace(micro_batch_size=micro_batch_size, seq_length=STEP_SEQ,
-                                     enable_q_tuning=True)
-        step = QTuningStep()
-        step.pruner = QTuningPruner(config, log=False, micro_batch_size=micro_batch_size,
-                                    seq_length=STEP_SEQ + 1)
-        calls = []
-        inner = get_forward_backward_func()
-
-        def recording_inner(**kwargs):
-            calls.append(kwargs["num_microbatches"])
-            return inner(**kwargs)
-
-        for c in chunks:
-            c.zero_grad_buffer()
-        run = step.wrap(recording_inner, args)
-        losses = run(forward_step_func=partial(_swap_args, micro_batch_size),
-                     data_iterator=iterators if len(chunks) > 1 else iterators[0],
-                     model=chunks, num_microbatches=num_micro_batches, seq_length=STEP_SEQ,
-                     micro_batch_size=micro_batch_size, forward_only=forward_only)
-        left = [next(it) is spare for it in iterators if it is not None]
-        result = {"calls": calls, "left": left, "dp_rank": dp_rank,
-                  "tp_rank": ps.get_tensor_model_parallel_rank(),
-                  "losses": [{k: v.tolist() for k, v in d.items()} for d in losses]}
+        chunks = wrap_ddp(build_tiny_gpt(**MODEL))
+        step = QTuningStep(log=False)
+        args = step_args(micro_batch_size, q_tuning_sample_keep_ratio=keep_ratio,
+                         q_tuning_token_keep_ratio=0.6)
+        result = run_step(step, chunks, _local_micro_batches(micro_batch_size, num_micro_batches),
+                          args, forward_only=forward_only)
+        result.update(dp_rank=ps.get_data_parallel_rank(),
+                      tp_rank=ps.get_tensor_model_parallel_rank())
         if not forward_only:
             d = step.pruner.last_decision
             result.update(grads=full_state_dict(chunks, grads=True), offset=d.local_offset,
                           keep=d.selection.keep.tolist(),
                           masks=[m.tolist() for m in d.local_loss_masks])
         return result
+    finally:
+        destroy_parallel()
+
+
+def iterations_worker(rank, world_size, runs: dict[str, list[int]], config: dict):
+    """Per run (a fresh adapter each, as a fresh process would have), the adapter's steps at the
+    given Megatron iterations (0-based `curr_iteration`), all on the same micro-batches: per call
+    the pruner's step number and the global keep mask."""
+    from q_tuning.megatron_lm.step import QTuningStep
+    from tests.harness.fixtures import MODEL, wrap_ddp
+    from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel
+
+    init_parallel()
+    try:
+        chunks = wrap_ddp(build_tiny_gpt(**MODEL))
+        micro_batches = _local_micro_batches(2, 3)
+        out = {}
+        for name, iterations in runs.items():
+            step, out[name] = QTuningStep(log=False), []
+            for it in iterations:
+                run_step(step, chunks, micro_batches, step_args(2, it, **config))
+                keep = step.pruner.last_decision.selection.keep.tolist()
+                out[name].append((step.pruner.step, keep))
+        return out
+    finally:
+        destroy_parallel()
+
+
+def learned_positions_worker(rank, world_size, pp: int, keep_ratio: float):
+    """The adapter on a GPT with learned absolute positions and `max_position_embeddings` =
+    `seq_length` (Megatron-LM's default), against (a) Megatron's own forward over its rows (one
+    process) and (b) the plain `QTuningPruner` on the same samples with a copy of the model whose
+    position table has one more row. Returns both decisions and per-token statistics."""
+    from q_tuning import QTuningConfig, QTuningPruner, RunShape
+    from q_tuning.megatron_lm.batches import micro_batches_to_samples
+    from q_tuning.megatron_lm.step import QTuningStep, position_tables
+    from tests.harness.fixtures import MODEL, wrap_ddp
+    from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel, unwrap
+
+    init_parallel(pp=pp)
+    try:
+        model = dict(MODEL, position_embedding="learned_absolute")
+        chunks = wrap_ddp(build_tiny_gpt(**model, seq_len=STEP_SEQ))
+        micro_batches = _local_micro_batches(2, 3)
+        config = dict(sample_keep_ratio=keep_ratio, token_keep_ratio=0.6)
+        args = step_args(2, position_embedding_type="learned_absolute",
+                         max_position_embeddings=STEP_SEQ,
+                         **{f"q_tuning_{k}": v for k, v in config.items()})
+        step = QTuningStep(log=False)
+        run_step(step, chunks, micro_batches, args)
+        longer = build_tiny_gpt(**model, seq_len=STEP_SEQ + 1)
+        _copy_weights([unwrap(c) for c in chunks], longer)
+        samples = micro_batches_to_samples(micro_batches)
+        plain = QTuningPruner(QTuningConfig(**config),
+                              RunShape(micro_batch_size=2, seq_length=STEP_SEQ + 1), log=False)
+        plain.prune(longer, {k: samples[k] for k in ("tokens", "loss_masks")}, step=1)
+        return {"adapter": _decision_of(step.pruner), "plain": _decision_of(plain),
+                "hooks_left": sum(len(t._forward_pre_hooks) for c in chunks
+                                  for t in position_tables(c)),
+                "reference_nll": _own_forward_nll(unwrap(chunks[0]), micro_batches)
+                if pp == 1 else None,
+                "loss_masks": [m.tolist() for m in samples["loss_masks"]]}
+    finally:
+        destroy_parallel()
+
+
+def _copy_weights(source: list, target: list) -> None:
+    """`target` chunks get `source`'s weights; a longer position table keeps its extra rows."""
+    with torch.no_grad():
+        for src, dst in zip(source, target):
+            theirs = dict(src.named_parameters())
+            for name, p in dst.named_parameters():
+                p[:theirs[name].shape[0]].copy_(theirs[name])
+
+
+def _decision_of(pruner) -> dict:
+    d = pruner.last_decision
+    return {"step": pruner.step, "keep": d.selection.keep.tolist(),
+            "masks": [m.tolist() for m in d.local_loss_masks],
+            "nll": d.local_scores.nll.tolist(), "entropy": d.local_scores.entropy.tolist(),
+            "target_mask": d.local_scores.target_mask.tolist()}
+
+
+def _own_forward_nll(model, micro_batches: list[dict]) -> list[list[float]]:
+    """Per row, Megatron's own forward over its `s` positions: nll of `labels[t]` at `t`."""
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for mb in micro_batches:
+            logits = model(mb["tokens"], mb["position_ids"], mb["attention_mask"])
+            logp = torch.log_softmax(logits.double(), dim=-1)
+            out += (-logp.gather(2, mb["labels"][..., None])[..., 0]).tolist()
+    model.train()
+    return out
+
+
+def bad_call_worker(rank, world_size, case: str):
+    """The adapter refuses what it cannot prune with an error (no unpruned step): returns it."""
+    from q_tuning.megatron_lm.step import QTuningStep
+    from tests.harness.fixtures import MODEL, wrap_ddp
+    from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel
+
+    init_parallel()
+    try:
+        chunks = wrap_ddp(build_tiny_gpt(**MODEL))
+        micro_batches = _local_micro_batches(2, 2)
+        args = step_args(2)
+        if case == "labels":
+            micro_batches[1]["labels"] = micro_batches[1]["labels"].roll(1, dims=1)
+        elif case == "no_iteration":
+            del args.curr_iteration
+        try:
+            run_step(QTuningStep(log=False), chunks, micro_batches, args)
+        except (ValueError, RuntimeError) as e:
+            return {"error": f"{type(e).__name__}: {e}"}
+        return {"error": None}
     finally:
         destroy_parallel()
 

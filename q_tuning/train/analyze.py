@@ -5,7 +5,7 @@
         --q-tuning-sample-keep-ratio 0.25 --q-tuning-token-keep-ratio 0.5
 
     # tensor parallel (and data parallel: world size = TP x DP)
-    torchrun --nproc-per-node 4 -m q_tuning.analyze --tensor-model-parallel-size 2 ...
+    torchrun --nproc-per-node 4 -m q_tuning.train.analyze --tensor-model-parallel-size 2 ...
 
     # a q-tuning-train checkpoint (its --hf-checkpoint gives the architecture and tokenizer)
     q-tuning-analyze --load runs/x/checkpoints --data-path train.jsonl --output-dir analysis
@@ -32,14 +32,11 @@ Bad input ends with one `q-tuning-analyze: error: ...` line and exit status 2.
 from __future__ import annotations
 
 import argparse
-import datetime
-import html
+import dataclasses
 import json
 import logging
 import math
-import os
 import pathlib
-import random
 import sys
 import time
 import warnings
@@ -50,6 +47,9 @@ import torch.distributed as dist
 
 from q_tuning._files import write_text_atomic
 from q_tuning.config import QTuningConfig, add_q_tuning_args, positive_int
+from q_tuning.parallel.process_group import join_process_group
+from q_tuning.observe.report_html import pick_examples, write_html
+from q_tuning.report import Thresholds
 from q_tuning.selection import (QUADRANT_NAMES, keep_count, sample_ppl_entropy_from_tokens,
                                 select_samples)
 
@@ -118,27 +118,7 @@ def _init_distributed(device: str) -> tuple[bool, bool]:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available (use --device cpu)")
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    else:
-        import mcore_cpu
-
-        torch._dynamo.config.disable = True  # megatron's jit warm-ups would query CUDA
-        mcore_cpu.install()
-    if dist.is_initialized():
-        return False, cuda
-    backend = "nccl" if cuda else "gloo"
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        dist.init_process_group(backend)
-    else:
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0,
-                                world_size=1, timeout=datetime.timedelta(minutes=30))
-    return True, cuda
+    return join_process_group(cuda=cuda, timeout_minutes=30), cuda
 
 
 def _quiet_expected_warnings(device: str) -> None:
@@ -305,8 +285,8 @@ def select_in_batches(ppl: torch.Tensor, entropy: torch.Tensor, config: QTuningC
         out["keep"][part], out["quadrant"][part] = sel.keep, sel.quadrant
         out["entry_level"][part] = sel.entry_level
         batches.append({**info, "level": sel.level,
-                        "thresholds": dict(zip(("ppl_low", "ppl_high", "ent_low", "ent_high"),
-                                               sel.thresholds)),
+                        "thresholds": dataclasses.asdict(
+                            Thresholds.from_quantiles(sel.thresholds)),
                         "quadrant_counts": sel.quadrant_counts(), "kept_samples": sel.target_count,
                         "unplaceable_samples": sel.num_unplaceable})
     return out, batches
@@ -385,36 +365,7 @@ def write_figure(path: pathlib.Path, rows: list[dict], batches: list[dict], conf
     save_png(figure, path)
 
 
-# --- the HTML report ------------------------------------------------------------------------------
-
-def pick_examples(rows: list[dict], per_quadrant: int, seed: int) -> dict[int, list[int]]:
-    """Up to `per_quadrant` sample indices per quadrant (1-4), drawn with `seed`, in data order.
-    For Q2 only kept samples (those whose tokens are pruned)."""
-    rng = random.Random(seed)
-    picks = {}
-    for q in (1, 2, 3, 4):
-        pool = [r["index"] for r in rows if r["quadrant"] == q and (q != 2 or r["kept"])]
-        picks[q] = sorted(rng.sample(pool, min(per_quadrant, len(pool))))
-    return picks
-
-
-def token_pieces(tokenizer, ids: Sequence[int]) -> list[str]:
-    """The text of each token, such that their concatenation is the decoded sequence.
-
-    Decodes growing prefixes (so spaces and merges are those of the whole text); a token ending
-    inside a multi-byte character gets "" and the character goes to the token completing it.
-    """
-    pieces, emitted = [], 0
-    for i in range(len(ids)):
-        text = tokenizer.decode(ids[:i + 1], skip_special_tokens=False,
-                                clean_up_tokenization_spaces=False)
-        if text.endswith("\ufffd") and i + 1 < len(ids):
-            pieces.append("")
-            continue
-        pieces.append(text[emitted:])
-        emitted = len(text)
-    return pieces
-
+# --- the HTML report's token statistics ----------------------------------------------------------
 
 def example_tokens(chunks, samples, picks: dict[int, list[int]], config: QTuningConfig,
                    micro_batch_size: Optional[int]) -> dict[int, dict]:
@@ -440,121 +391,6 @@ def example_tokens(chunks, samples, picks: dict[int, list[int]], config: QTuning
         out[i] = {"nll": scores.nll[row, :length].tolist(), "target": target.tolist(),
                   "pruned": pruned.tolist()}
     return out
-
-
-_CSS = """
-body { font-family: system-ui, sans-serif; margin: 24px; color: #222; max-width: 1400px; }
-h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 28px; }
-table.summary { border-collapse: collapse; font-size: 14px; }
-table.summary td, table.summary th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; }
-.legend span { margin-right: 14px; }
-.card { border: 1px solid #ccc; border-radius: 6px; padding: 8px 10px; margin: 10px 0;
-        background: #fff; }
-.card h3 { font-size: 13px; margin: 0 0 6px 0; font-weight: 600; }
-.badge { display: inline-block; padding: 0 6px; border-radius: 8px; color: #fff; font-size: 12px; }
-.text { white-space: pre-wrap; font-family: ui-monospace, monospace; font-size: 12.5px;
-        line-height: 1.55; word-break: break-word; }
-.ctx { color: #999; }
-del.pruned { color: #c00; text-decoration: line-through; text-decoration-thickness: 2px;
-             background: #fde2e2; }
-details summary { cursor: pointer; color: #555; font-size: 12px; }
-.grid { display: grid; grid-template-columns: repeat(3, minmax(0, 1fr)); gap: 14px; }
-.grid > div > h2 { margin-top: 0; }
-"""
-
-
-def _heat(nll: float) -> str:
-    """Background for a target token: orange, stronger with its NLL (saturating at 6 nats)."""
-    alpha = min(max(nll, 0.0) / 6.0, 1.0) * 0.45
-    return f"background: rgba(230, 159, 0, {alpha:.2f})"
-
-
-def _response_html(pieces: list[str], tokens: dict, first: int) -> str:
-    parts = []
-    for t in range(first, len(pieces)):
-        text = html.escape(pieces[t])
-        if not text:
-            continue
-        if not tokens["target"][t]:
-            parts.append(f'<span class="ctx">{text}</span>')
-            continue
-        nll = tokens["nll"][t]
-        tip = f"NLL {nll:.2f}, PPL {math.exp(min(nll, 700.0)):.3g}"
-        if tokens["pruned"][t]:
-            parts.append(f'<del class="pruned" title="pruned: {tip}">{text}</del>')
-        else:
-            parts.append(f'<span style="{_heat(nll)}" title="{tip}">{text}</span>')
-    return "".join(parts)
-
-
-def _card(tokenizer, sample, row: dict, tokens: dict, colors: dict) -> str:
-    ids = sample.tokens.tolist()
-    pieces = token_pieces(tokenizer, ids)
-    mask = sample.loss_mask.tolist()
-    first = next((t for t, m in enumerate(mask) if m), len(ids))
-    prompt = html.escape("".join(pieces[:first]))
-    q = row["quadrant"]
-    pruned = sum(tokens["pruned"])
-    fate = (f"kept, {row['kept_tokens']}/{row['response_tokens']} response tokens trained "
-            f"({pruned} pruned)" if q == 2 else
-            "kept whole" if row["kept"] else "dropped")
-    return (f'<div class="card"><h3><span class="badge" style="background:{colors[q]}">'
-            f'Q{q}</span> sample {row["index"]} · {html.escape(str(row["id"]))} · '
-            f'PPL {row["ppl"]:.3g} · entropy {row["entropy"]:.3g} · {fate}</h3>'
-            f'<details><summary>prompt ({first} tokens)</summary><div class="text ctx">{prompt}'
-            f'</div></details><div class="text">{_response_html(pieces, tokens, first)}</div>'
-            "</div>")
-
-
-def write_html(path: pathlib.Path, tokenizer, samples, rows: list[dict], summary: dict,
-               picks: dict[int, list[int]], tokens: dict[int, dict]) -> None:
-    from q_tuning.observe.plot import QUADRANT_COLORS, QUADRANT_NAMES as LONG_NAMES
-
-    cfg = summary["config"]
-    counts = summary["quadrant_counts"]
-    fates = {1: "dropped", 2: "kept, tokens pruned", 3: "dropped", 4: "kept whole"}
-    table = "".join(f"<tr><td>{html.escape(LONG_NAMES[q])}</td><td>{counts[f'Q{q}']}</td>"
-                    f"<td>{fates[q]}</td></tr>" for q in (1, 2, 3, 4))
-    if summary.get("thresholds"):
-        t = summary["thresholds"]
-        level = (f"level a* = {summary['level']:.4g}; PPL thresholds {t['ppl_low']:.4g} / "
-                 f"{t['ppl_high']:.4g}; entropy thresholds {t['ent_low']:.4g} / "
-                 f"{t['ent_high']:.4g}")
-    else:
-        level = (f"selection in {summary['selection_batches']} batches of "
-                 f"{summary['selection_batch_size']} samples; per-batch thresholds in "
-                 "summary.json")
-
-    def cards(q: int) -> str:
-        found = "".join(_card(tokenizer, samples[i], rows[i], tokens[i], QUADRANT_COLORS)
-                        for i in picks[q])
-        return found or "<p><i>no sample in this quadrant</i></p>"
-
-    side = "".join(f"<div><h2>{html.escape(LONG_NAMES[q])} ({fates[q]})</h2>{cards(q)}</div>"
-                   for q in (1, 3, 4))
-    page = f"""<!DOCTYPE html>
-<html><head><meta charset="utf-8"><title>Q-Tuning analysis</title><style>{_CSS}</style></head>
-<body>
-<h1>Q-Tuning analysis</h1>
-<p>{html.escape(str(summary['model']))} on {html.escape(', '.join(summary['data']))}:
-{summary['num_samples']} samples, sample keep ratio {cfg['sample_keep_ratio']:g}, token keep ratio
-{cfg['token_keep_ratio']:g} (Q2), neighbour lambda {cfg['neighbor_lambda']:g}.
-Kept {summary['kept_samples']} samples and {summary['kept_tokens']} of
-{summary['response_tokens']} response tokens; {summary['unplaceable_samples']} unplaceable.
-{level}.</p>
-<table class="summary"><tr><th>quadrant</th><th>samples</th><th>fate</th></tr>{table}</table>
-<p><img src="{OUTPUTS['figure']}" alt="EU plane" style="max-width: 800px; width: 100%"></p>
-<p class="legend"><span><del class="pruned">struck through</del>: pruned token (left out of the
-loss, kept as context)</span><span><span style="{_heat(3.0)}">shaded</span>: response token,
-darker = higher NLL</span><span class="ctx">grey: context, not trained</span>
-<span>hover a token for its NLL / PPL</span></p>
-<h2>{html.escape(LONG_NAMES[2])}: a sample of kept Q2 responses, pruned tokens struck through</h2>
-{cards(2)}
-<h2>Q1 / Q3 / Q4 side by side</h2>
-<div class="grid">{side}</div>
-</body></html>
-"""
-    path.write_text(page, encoding="utf-8")
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -624,7 +460,8 @@ def _write_outputs(out: pathlib.Path, tokenizer, samples, rows, batches, summary
     write_figure(out / OUTPUTS["figure"], rows, batches, config)
     summary["outputs"] = {k: str(out / v) for k, v in OUTPUTS.items()}
     write_text_atomic(out / OUTPUTS["summary"], [json.dumps(summary, indent=2) + "\n"])
-    write_html(out / OUTPUTS["html"], tokenizer, samples, rows, summary, picks, tokens)
+    write_html(out / OUTPUTS["html"], tokenizer, samples, rows, summary, picks, tokens,
+               figure=OUTPUTS["figure"])
     counts = ", ".join(f"{k} {v}" for k, v in summary["quadrant_counts"].items())
     print(f"q-tuning-analyze: {summary['num_samples']} samples ({counts}, "
           f"{summary['unplaceable_samples']} unplaceable); kept {summary['kept_samples']} "
@@ -632,12 +469,28 @@ def _write_outputs(out: pathlib.Path, tokenizer, samples, rows, batches, summary
           f"wrote {', '.join(str(out / v) for v in OUTPUTS.values())}", flush=True)
 
 
+# Settings q-tuning-analyze would otherwise accept and ignore: (field, why), checked at parse time.
+IGNORED_SETTINGS = (
+    ("strategy", "q-tuning-analyze shows the EU-plane rule only"),
+    ("batch_policy", "q-tuning-analyze selects in --selection-batch-size batches; there is no "
+                     "refill"),
+    ("scoring_micro_batch_size", "use --micro-batch-size (rows per forward micro-batch)"),
+    ("token_budget", "q-tuning-analyze shows per-sample token pruning only"),
+)
+
+
+def unsupported_settings(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(flag, why) for every Q-Tuning setting given a non-default value that analysis ignores."""
+    defaults = QTuningConfig()
+    return [("--q-tuning-" + field.replace("_", "-"), why) for field, why in IGNORED_SETTINGS
+            if getattr(args, "q_tuning_" + field) != getattr(defaults, field)]
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.q_tuning_token_budget != "per-sample":  # the report prunes each sample on its own
-        parser.error("--q-tuning-token-budget global: q-tuning-analyze shows per-sample token "
-                     "pruning only; use per-sample")
+    for flag, why in unsupported_settings(args):
+        parser.error(f"{flag}: {why}")
     _quiet_expected_warnings(args.device)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
