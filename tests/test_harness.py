@@ -229,10 +229,10 @@ def split_results():
     return results
 
 
-def _assert_close_dicts(got: dict, want: dict, atol: float) -> None:
+def _assert_close_dicts(got: dict, want: dict, atol: float, rtol: float = 0.0) -> None:
     assert got.keys() == want.keys()
     for name in want:
-        np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=0, err_msg=name)
+        np.testing.assert_allclose(got[name], want[name], atol=atol, rtol=rtol, err_msg=name)
 
 
 def test_reference_single_process(reference):
@@ -269,7 +269,10 @@ def test_context_parallel_matches_single_process(reference, split_results, split
     np.testing.assert_allclose(_merge(causal), reference["logits"], atol=ATOL, rtol=0)
     np.testing.assert_allclose(_merge(packed), reference["packed_logits"], atol=ATOL, rtol=0)
     for _, _, _, grads in split_results[split]:  # backward through the CP gather: full grads
-        _assert_close_dicts(grads, reference["packed_grads"], atol=1e-4)
+        # float32 gradients up to ~40 summed in another order: 1e-4 absolute plus 1e-5 relative
+        # (tp2xcp2 missed 1e-4 by 1.6e-5 at a gradient of 13.1 on this session's CPU, also at
+        # the last landed commit)
+        _assert_close_dicts(grads, reference["packed_grads"], atol=1e-4, rtol=1e-5)
 
 
 def _merge(per_rank: list) -> np.ndarray:
