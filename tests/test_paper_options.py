@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from q_tuning.config import QTuningConfig, add_q_tuning_args
 from q_tuning.selection import sample_ppl_entropy_from_tokens, select_samples
 from q_tuning.token_pruning import budget_token_keep_mask, global_token_budget
-from tests.test_selection import batches, ratios, ref_ranks
+from tests.test_selection import batches, ratios, ref_candidates
 from tests.test_token_pruning import packed_rows
 
 # ----------------------------------------------------------------------------- references
@@ -27,17 +27,10 @@ def ref_paper_select(ppl: list[float], ent: list[float], ratio: float) -> dict:
     P, E = [ppl[i] for i in placed], [ent[i] for i in placed]
     n = len(P)
     k = min(n, max(1, math.floor(ratio * n + 0.5)))
-    top = max(n - 1, 1)
-    order, label_of, dropped = [], {}, {}
-    for j in range(n):
-        p_lo, p_hi = ref_ranks(P, P[j])
-        e_lo, e_hi = ref_ranks(E, E[j])
-        q2 = (1 - Fraction(p_hi, top), Fraction(e_lo, top)) if n > 1 else (Fraction(0),) * 2
-        q4 = (Fraction(p_lo, top), 1 - Fraction(e_hi, top)) if n > 1 else (Fraction(0),) * 2
-        corner = q2 if max(q2) <= max(q4) else q4
-        order.append((max(corner), sum(corner), j))
-        label_of[j] = 2 if corner is q2 else 4
-        dropped[j] = 1 if Fraction(p_lo + p_hi + e_lo + e_hi, 2 * top) >= 1 else 3
+    candidates = ref_candidates(P, E)
+    order = [c[:3] for c in candidates]
+    label_of = {c[2]: c[3] for c in candidates}
+    dropped = {c[2]: c[4] for c in candidates}
     taken = [j for level, _, j in sorted(order)[:k] if level <= Fraction(49, 100)]
 
     def normalised(values):

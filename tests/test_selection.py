@@ -57,12 +57,10 @@ def ref_ranks(values: list[float], x: float) -> tuple[int, int]:
     return sum(v < x for v in values), sum(v <= x for v in values) - 1
 
 
-def ref_select(ppl: list[float], ent: list[float], ratio: float, max_iter: int) -> dict:
-    """SPEC 3 in plain Python: keep, labels (0 = unplaced), level, k."""
-    placed = [i for i in range(len(ppl)) if math.isfinite(ppl[i]) and math.isfinite(ent[i])]
-    P, E = [ppl[i] for i in placed], [ent[i] for i in placed]
+def ref_candidates(P: list[float], E: list[float]) -> list[tuple]:
+    """Per placed sample j: (entry level, depth, j, label if kept, label if dropped), SPEC 3 with
+    exact fractions of rank positions."""
     n = len(P)
-    k = min(n, max(1, math.floor(ratio * n + 0.5)))
     top = max(n - 1, 1)  # n == 1: every rank fraction is 0
     candidates = []
     for j in range(n):
@@ -74,6 +72,16 @@ def ref_select(ppl: list[float], ent: list[float], ratio: float, max_iter: int) 
         label = 2 if corner is q2 else 4
         dropped_label = 1 if Fraction(p_lo + p_hi + e_lo + e_hi, 2 * top) >= 1 else 3
         candidates.append((max(corner), sum(corner), j, label, dropped_label))
+    return candidates
+
+
+def ref_select(ppl: list[float], ent: list[float], ratio: float, max_iter: int) -> dict:
+    """SPEC 3 in plain Python: keep, labels (0 = unplaced), level, k."""
+    placed = [i for i in range(len(ppl)) if math.isfinite(ppl[i]) and math.isfinite(ent[i])]
+    P, E = [ppl[i] for i in placed], [ent[i] for i in placed]
+    n = len(P)
+    k = min(n, max(1, math.floor(ratio * n + 0.5)))
+    candidates = ref_candidates(P, E)
     kept = sorted(candidates)[:k]
     kept_j = {c[2] for c in kept}
     labels = [0] * len(ppl)
