@@ -103,7 +103,7 @@ def test_gguf_header_reader_matches_gguf_package():
     from gguf import GGUFReader
 
     path = smollm2_gguf_path()
-    ours = assets._gguf_scalar_metadata(path)
+    ours = assets.gguf_scalar_metadata(path)
     fields = GGUFReader(str(path)).fields
     for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id",
                 "tokenizer.ggml.padding_token_id", "tokenizer.ggml.add_bos_token",

@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 from q_tuning.fused_stats import fused_nll_entropy, fused_workspace_bytes
 from q_tuning.parallel import scoring
 from q_tuning.token_stats import token_nll_entropy
-from tests import _fused_dist as W
+from tests.workers import fused as W
 from tests.harness.fixtures import global_batch
 from tests.harness.launch import run_distributed
 

@@ -79,10 +79,10 @@ def hf_models(tmp_path_factory):
 def _run_layouts(hf_models, out_root, world: int, layouts: list, case_names: list,
                  with_tokenizer: bool = False) -> dict:
     """One spawn of `world` gloo processes that runs every layout (tp, pp, vpp) in turn."""
-    from tests import _hf_model_dist
+    from tests.workers import hf_model as W_hf_model
 
     cases = [(name, hf_models[name][1]) for name in case_names]
-    per_rank = run_distributed(_hf_model_dist.convert_and_run, world, layouts, cases, TOKENS,
+    per_rank = run_distributed(W_hf_model.convert_and_run, world, layouts, cases, TOKENS,
                                str(out_root), with_tokenizer, timeout=TIMEOUT)
     return {"per_rank": per_rank, "out_root": out_root, "cases": case_names}
 

@@ -28,7 +28,7 @@ from q_tuning.megatron_lm.batches import (UnsupportedBatch, micro_batches_to_sam
                                           row_format, samples_to_rows)
 from q_tuning.megatron_lm.step import unsupported_reason
 from q_tuning.selection import keep_count
-from tests import _pruner_dist as W
+from tests.workers import pruner as W
 from tests.harness import megatron_lm as H
 from tests.harness.launch import run_distributed
 

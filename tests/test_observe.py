@@ -24,7 +24,7 @@ from q_tuning.report import Thresholds
 from q_tuning.observe.hooks import EUPlanePlot
 from q_tuning.observe.plot import figure_to_rgb, save_png
 from q_tuning.selection import keep_count
-from tests import _observe_dist as W
+from tests.workers import observe as W
 from tests.harness.launch import run_distributed
 
 PIL = pytest.importorskip("PIL.Image")

@@ -11,7 +11,7 @@ import torch
 
 from q_tuning import QTuningConfig, select_samples, token_keep_mask
 from q_tuning.token_pruning import budget_token_keep_mask, global_token_budget
-from tests import _pruner_dist as W
+from tests.workers import pruner as W
 from tests.harness.launch import run_distributed
 
 CONFIG = dict(sample_keep_ratio=0.5, token_keep_ratio=0.6, neighbor_lambda=0.5)
@@ -290,6 +290,6 @@ def test_infobatch_gradients_equal_the_weighted_reference():
 
 
 def test_a_user_strategy_that_differs_between_ranks_fails_on_every_rank():
-    config = {**CONFIG, "strategy": "tests._pruner_dist.rank_dependent_strategy"}
+    config = {**CONFIG, "strategy": "tests.workers.pruner.rank_dependent_strategy"}
     outs = run_distributed(W.strategy_worker, 2, config, BATCH, timeout=TIMEOUT)
     assert all("gave different decisions on different ranks" in o["error"] for o in outs)

@@ -1,11 +1,11 @@
 """It survives: preemption, killed and stopped ranks, interrupted and failed saves, bad data and
 non-finite numbers (docs/user_guide.md, "Failures and recovery"). CPU, gloo, a tiny random HF
-Llama (tests/_trainer_dist.py), 2 processes wherever the case is distributed.
+Llama (tests/workers/trainer.py), 2 processes wherever the case is distributed.
 
 Real jobs (torchrun, the Ray launcher) for what happens to processes: SIGTERM to every worker
 (`--exit-signal-handler`), SIGKILL of every worker in the middle of a save, SIGKILL and SIGSTOP of
 one worker; the resumed job is compared with the uninterrupted run of the in-process spawn.
-`tests._reliability_dist.pause_hook` holds the workers at a known iteration while the test
+`tests.workers.reliability.pause_hook` holds the workers at a known iteration while the test
 signals them. Every job runs under a deadline and is killed (its own process group) when the
 test ends, so a hang fails the test instead of blocking it.
 
@@ -39,16 +39,16 @@ G = 8
 JOB_TIMEOUT = 240  # seconds for one 2-process job of a few tiny iterations on 2 loaded cores
 QT = ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.5",
       "--q-tuning-token-keep-ratio", "0.7"]
-PAUSE = ["--rollout-data-postprocess-path", "tests._reliability_dist.pause_hook"]
+PAUSE = ["--rollout-data-postprocess-path", "tests.workers.reliability.pause_hook"]
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from tests import _trainer_dist
+    from tests.workers import trainer as W_trainer
 
     root = tmp_path_factory.mktemp("reliability_assets")
     cache = tmp_path_factory.getbasetemp() / "q_tuning_cache"  # shared with the other tests
-    found = _trainer_dist.make_assets(str(root), str(cache))
+    found = W_trainer.make_assets(str(root), str(cache))
     good = [json.dumps({"prompt": f"What is {i} plus {i + 1}?",
                         "response": f"{i} plus {i + 1} is {2 * i + 1}."}) for i in range(12)]
     no_answer = json.dumps({"messages": [{"role": "user", "content": "no answer here"}]})
@@ -109,7 +109,7 @@ def _same_steps(got: list[dict], want: list[dict]) -> None:
 
 @pytest.fixture(scope="module")
 def double(assets, tmp_path_factory):
-    from tests import _reliability_dist
+    from tests.workers import reliability as W_reliability
 
     out = tmp_path_factory.mktemp("inprocess")
     # the distributed optimizer: rank 1 writes its own shard files (else rank 0 writes all)
@@ -139,7 +139,7 @@ def double(assets, tmp_path_factory):
         ("rank1_save", _argv(assets, out / "rank1_save"),
          {"unwritable_save_on_rank": 1, **watch}),
     ]
-    return out, run_distributed(_reliability_dist.run_scenarios, 2, scenarios, timeout=600)
+    return out, run_distributed(W_reliability.run_scenarios, 2, scenarios, timeout=600)
 
 
 def _ok(results: list[dict], name: str) -> list[dict]:
@@ -374,7 +374,7 @@ def test_preempted_then_killed_in_save_resumes_bitwise(assets, reference, jobs, 
     (out / "pause_at").unlink()
 
     (out / "kill_in_save_at").write_text("4")
-    job = jobs(argv + ["--load", str(ckpt)], out, module="tests._reliability_dist")
+    job = jobs(argv + ["--load", str(ckpt)], out, module="tests.workers.reliability")
     assert job.wait() != 0
     partial = ckpt / ".iter_0000004.tmp"
     assert _tracker(out) == "3"

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from q_tuning.slime import QTuningSlimeError, check_args, postprocess
-from tests import _slime_dist as D
+from tests.workers import slime as D
 from tests.harness.launch import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -175,7 +175,7 @@ def test_per_sample_mean_loss_with_static_micro_batches(tmp_dir):
 
 def test_user_hook_is_chained_after_ours(tmp_dir):
     outs = _run("dp1", tmp_dir, extra_yaml={"q_tuning_postprocess_chain":
-                                            "tests._slime_dist.user_hook"})
+                                            "tests.workers.slime.user_hook"})
     (o,) = outs
     # the user's hook ran after ours, on the pruned data and the rewritten schedule
     assert o["user_hook_saw"] == {"samples": len(o["samples"]),

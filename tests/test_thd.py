@@ -10,7 +10,7 @@ import torch
 
 from q_tuning.parallel.microbatch import (build_micro_batches, model_inputs, plan_rows,
                                           row_cu_seqlens)
-from tests import _thd_dist as W
+from tests.workers import thd as W
 from tests.harness.launch import run_distributed
 
 TIMEOUT = 240

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from q_tuning.token_stats import token_nll_entropy, token_stats_workspace_bytes
-from tests import _token_stats_dist as dist_fns
+from tests.workers import token_stats as dist_fns
 from tests.harness.launch import run_distributed
 
 # Inputs are upcast exactly, so every dtype is compared against the reference on the same upcast

@@ -33,11 +33,11 @@ G = 8
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    from tests import _trainer_dist
+    from tests.workers import trainer as W_trainer
 
     root = tmp_path_factory.mktemp("trainer_assets")
     cache = tmp_path_factory.getbasetemp() / "q_tuning_cache"  # shared with test_assets/test_data
-    return _trainer_dist.make_assets(str(root), str(cache))
+    return W_trainer.make_assets(str(root), str(cache))
 
 
 def _argv(assets: dict, out: pathlib.Path, *extra: str, model: str = "llama",
@@ -52,13 +52,13 @@ def _argv(assets: dict, out: pathlib.Path, *extra: str, model: str = "llama",
 QT = ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.5",
       "--q-tuning-token-keep-ratio", "0.7"]
 REFILL = [*QT, "--q-tuning-batch-policy", "refill"]
-HOOK = ["--rollout-data-postprocess-path", "tests._trainer_dist.record_hook"]
+HOOK = ["--rollout-data-postprocess-path", "tests.workers.trainer.record_hook"]
 
 
 @pytest.fixture(scope="module")
 def single(assets, tmp_path_factory):
     """Every 1-process scenario, run in one spawned process."""
-    from tests import _trainer_dist
+    from tests.workers import trainer as W_trainer
 
     out = tmp_path_factory.mktemp("single")
     runs = [
@@ -80,17 +80,17 @@ def single(assets, tmp_path_factory):
         ("gpt2", _argv(assets, out / "e3", model="gpt2")),
         ("tp_world", _argv(assets, out / "e4", "--tensor-model-parallel-size", "2")),
         ("bad_hook", _argv(assets, out / "e6", *QT, "--rollout-data-postprocess-path",
-                           "tests._trainer_dist.no_such_hook")),
+                           "tests.workers.trainer.no_such_hook")),
         ("incompatible", _argv(assets, out / "e5", "--load", str(out / "plain" / "checkpoints"),
                                "--export-hf", str(out / "e5" / "hf"), model="llama3layers")),
     ]
-    return out, run_distributed(_trainer_dist.run_many, 1, runs, timeout=TIMEOUT)[0]
+    return out, run_distributed(W_trainer.run_many, 1, runs, timeout=TIMEOUT)[0]
 
 
 @pytest.fixture(scope="module")
 def double(assets, tmp_path_factory, single):
     """Every 2-process scenario, run in one spawn of 2 processes."""
-    from tests import _trainer_dist
+    from tests.workers import trainer as W_trainer
 
     out = tmp_path_factory.mktemp("double")
     resume = [*REFILL, "--use-distributed-optimizer"]
@@ -111,7 +111,7 @@ def double(assets, tmp_path_factory, single):
         ("distopt_tp", _argv(assets, out / "e2", *resume, "--tensor-model-parallel-size", "2",
                              "--load", str(out / "full" / "checkpoints"), iters=4)),
     ]
-    return out, run_distributed(_trainer_dist.run_many, 2, runs, timeout=TIMEOUT)[0]
+    return out, run_distributed(W_trainer.run_many, 2, runs, timeout=TIMEOUT)[0]
 
 
 def _ok(results: dict, name: str) -> list[dict]:
@@ -227,7 +227,7 @@ def test_resume_is_bitwise_identical(double):
     ("gpt2", "unsupported HF architecture GPT2LMHeadModel"),
     ("tp_world", "world size (1 processes) is not divisible by tensor x pipeline x context"),
     ("incompatible", "num_layers: 2 in the checkpoint, 3 here"),
-    ("bad_hook", "'tests._trainer_dist' has no attribute 'no_such_hook'"),
+    ("bad_hook", "'tests.workers.trainer' has no attribute 'no_such_hook'"),
 ])
 def test_bad_input_one_process(single, name, message):
     out, results = single

@@ -146,7 +146,7 @@ def _fix_gguf_special_tokens(tokenizer: "PreTrainedTokenizerBase", gguf: pathlib
     False. It also records the GGUF file as `vocab_file`, which `save_pretrained` would copy
     as a 98 MB "tokenizer.model"; the fast tokenizer.json holds everything needed.
     """
-    metadata = _gguf_scalar_metadata(gguf)
+    metadata = gguf_scalar_metadata(gguf)
     vocab_size = len(tokenizer)
     for attr, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"),
                       ("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
@@ -166,7 +166,7 @@ _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
                  11: "q", 12: "d"}
 
 
-def _gguf_scalar_metadata(path: pathlib.Path) -> dict[str, object]:
+def gguf_scalar_metadata(path: pathlib.Path) -> dict[str, object]:
     """The scalar and string key/values of a little-endian GGUF header; arrays are skipped.
 
     `gguf.GGUFReader` parses every array element through numpy views (~7 s for SmolLM2's

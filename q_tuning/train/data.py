@@ -232,7 +232,7 @@ def tokenize_conversation(tokenizer: "PreTrainedTokenizerBase", messages: list[d
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; q_tuning needs "
                          "offset mappings (load it with use_fast=True)")
-    text = _render(tokenizer, messages, source)
+    text = render_chat(tokenizer, messages, source)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     special_ids = set(tokenizer.all_special_ids)
@@ -249,7 +249,8 @@ def tokenize_conversation(tokenizer: "PreTrainedTokenizerBase", messages: list[d
     return torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
 
-def _render(tokenizer, messages, source: str, *, generation_prompt: bool = False) -> str:
+def render_chat(tokenizer, messages, source: str, *, generation_prompt: bool = False) -> str:
+    """The chat template applied to `messages` as text; a template error names the record."""
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False,
                                              add_generation_prompt=generation_prompt)
@@ -267,8 +268,8 @@ def _assistant_char_spans(tokenizer, messages, text: str, source: str
         if i == 0:
             raise DataError(f"{source}: the conversation starts with an assistant turn; "
                             "put at least a system or user turn before it")
-        before = _render(tokenizer, messages[:i], source, generation_prompt=True)
-        through = _render(tokenizer, messages[: i + 1], source)
+        before = render_chat(tokenizer, messages[:i], source, generation_prompt=True)
+        through = render_chat(tokenizer, messages[: i + 1], source)
         if not (through.startswith(before) and text.startswith(through)):
             raise DataError(
                 f"{source}: cannot locate assistant message {i}: the chat template's rendering "

@@ -112,9 +112,9 @@ def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
-    from q_tuning.train.data import _render
+    from q_tuning.train.data import render_chat
 
-    text = _render(tokenizer, [{"role": "user", "content": prompt}], "<prompt>",
+    text = render_chat(tokenizer, [{"role": "user", "content": prompt}], "<prompt>",
                    generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

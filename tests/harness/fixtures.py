@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MODEL", "dp_share", "global_batch", "wrap_ddp"]
+__all__ = ["MODEL", "dp_share", "global_batch", "kept_token_nll", "wrap_ddp"]
 
 MODEL = dict(vocab=96, layers=4, hidden=32, heads=4, seed=11)
 
@@ -50,3 +50,19 @@ def wrap_ddp(chunks):
         wrapped.append(DistributedDataParallel(config=chunk.config, ddp_config=ddp_config,
                                                module=chunk, disable_bucketing=i > 0))
     return wrapped
+
+
+def kept_token_nll(model, tokens: dict, kept_masks: dict) -> list[tuple[torch.Tensor, int, float]]:
+    """The slow reference loss pieces: for each kept sample, a plain one-sample forward and its
+    (masked NLL sum, kept-token count, loss-weight sum). Mask values are loss weights."""
+    from tests.harness.megatron import causal_attention_mask
+
+    pieces = []
+    for uid, mask in kept_masks.items():
+        tok = tokens[uid]
+        n = tok.numel()
+        logits = model(tok[None], torch.arange(n)[None], causal_attention_mask(1, n))
+        nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tok[1:], reduction="none")
+        m = torch.tensor(mask[1:], dtype=torch.float32)
+        pieces.append(((nll * m).sum(), int((m != 0).sum()), float(m.sum())))
+    return pieces

@@ -197,7 +197,7 @@ def _free_port() -> int:
 # row, tokens = text[:-1], labels = text[1:]).
 
 STEP_SEQ = 15  # odd on purpose
-STEP_VOCAB = 96  # tests/_pruner_dist.py MODEL, whose reference gradient the tests reuse
+STEP_VOCAB = 96  # tests/workers/pruner.py MODEL, whose reference gradient the tests reuse
 
 
 def step_rows(num_rows: int, seed: int = 5) -> list[dict]:

@@ -7,7 +7,7 @@ Two ways in:
   the Ray launcher): at the iteration written in `<output-dir>/pause_at` it writes
   `<output-dir>/paused.rank<R>` (its pid) and waits for `<output-dir>/go`, so that the test can
   signal, kill or stop the workers at a known iteration;
-- `python -m tests._reliability_dist <trainer flags>` (under torchrun): the trainer's `main`, with
+- `python -m tests.workers.reliability <trainer flags>` (under torchrun): the trainer's `main`, with
   `<output-dir>/kill_in_save_at` making every rank SIGKILL itself right after writing that
   iteration's checkpoint files, before the folder is renamed and the tracker updated.
 """
@@ -198,7 +198,7 @@ def run_scenarios(rank: int, world_size: int,
     from q_tuning.train.arguments import parse_args
 
     # megatron's dist_checkpointing forks writer processes; a daemonic process may not
-    # (see tests/_trainer_dist.py).
+    # (see tests/workers/trainer.py).
     multiprocessing.current_process()._config["daemon"] = False
     results = {}
     for name, argv, faults in scenarios:

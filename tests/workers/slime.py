@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import torch
-
 from q_tuning import QTuningConfig, QTuningPruner, RunShape
-from tests.harness.fixtures import MODEL, global_batch
+from tests.harness.fixtures import MODEL, global_batch, kept_token_nll
 from tests.harness import slime_standin as SL
-from tests.harness.megatron import (build_tiny_gpt, causal_attention_mask, destroy_parallel,
-                                    full_state_dict, init_parallel)
+from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
+                                    init_parallel)
 
 ROW = 64  # the stand-in's packed row (>= --max-tokens-per-gpu of the tests)
 
@@ -119,16 +117,8 @@ def reference_grads_worker(rank, world_size, ours: dict, kept_masks: dict, per_t
     try:
         (model,) = build_tiny_gpt(**MODEL)
         model.train()
-        losses, counts = [], []
-        for uid, mask in kept_masks.items():
-            tok = ours["tokens"][uid]
-            n = tok.numel()
-            logits = model(tok[None], torch.arange(n)[None], causal_attention_mask(1, n))
-            nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tok[1:],
-                                                    reduction="none")
-            m = torch.tensor(mask[1:], dtype=torch.float32)
-            losses.append((nll * m).sum())
-            counts.append(float(m.sum()))
+        pieces = kept_token_nll(model, ours["tokens"], kept_masks)
+        losses, counts = [p[0] for p in pieces], [p[2] for p in pieces]
         if per_token:
             loss = sum(losses) / sum(counts)
         else:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from q_tuning import QTuningConfig, QTuningPruner, RunShape
-from tests.harness.fixtures import MODEL, dp_share, global_batch, wrap_ddp  # noqa: F401
+from tests.harness.fixtures import MODEL, dp_share, global_batch, kept_token_nll, wrap_ddp  # noqa: F401
 from tests.harness.megatron import (build_tiny_gpt, causal_attention_mask, destroy_parallel,
                                     full_state_dict, init_parallel, unwrap)
 
@@ -94,16 +94,9 @@ def reference_grads_worker(rank, world_size, batch: dict, kept_masks: dict):
     try:
         (model,) = build_tiny_gpt(**MODEL)
         model.train()
-        total, count = 0.0, 0
-        for uid, mask in kept_masks.items():
-            tok = batch["tokens"][uid]
-            n = tok.numel()
-            logits = model(tok[None], torch.arange(n)[None], causal_attention_mask(1, n))
-            nll = torch.nn.functional.cross_entropy(logits[0, :-1].float(), tok[1:],
-                                                    reduction="none")
-            m = torch.tensor(mask[1:], dtype=torch.float32)
-            total = total + (nll * m).sum()
-            count += int((m != 0).sum())  # mask values are loss weights; count the tokens
+        pieces = kept_token_nll(model, batch["tokens"], kept_masks)
+        total = sum(p[0] for p in pieces)
+        count = sum(p[1] for p in pieces)  # mask values are loss weights; count the tokens
         (total / count).backward()
         return full_state_dict([model], grads=True)
     finally:
