@@ -19,7 +19,6 @@ float32 buffers) and `[4, tokens]` of statistics, whatever the vocabulary size.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 # Shared with token_nll_entropy so that both paths compute the same per-block values and combine
 # shards the same way (q_tuning.lse_stats).
@@ -45,7 +44,7 @@ def fused_nll_entropy(
     weight: torch.Tensor,
     targets: torch.Tensor,
     bias: torch.Tensor | None = None,
-    tp_group: dist.ProcessGroup | None = None,
+    tp_group: torch.distributed.ProcessGroup | None = None,
     *,
     chunk_tokens: int | None = None,
     chunk_vocab: int | None = None,

@@ -104,36 +104,35 @@ def _reference_worker(rank, world_size):
     """Single process: logits (tied / untied, causal / packed), gradients, a training step."""
     from tests.harness import megatron as h
 
-    h.init_parallel()
-    tokens, causal = _tokens(), h.causal_attention_mask(BATCH, SEQ)
-    packed = h.packed_causal_attention_mask(_segment_ids())
-    out = {}
-    chunks = h.build_tiny_gpt(**MODEL)
-    out["full_sd"] = {k: v.numpy() for k, v in h.full_state_dict(chunks).items()}
-    out["logits"] = h.forward_logits(chunks, tokens, causal).numpy()
-    out["cp_attention_logits"] = h.forward_logits(
-        h.build_tiny_gpt(**MODEL, cp_attention=True), tokens, causal).numpy()
-    logits = chunks[0](tokens, None, packed)
-    out["packed_logits"] = logits.detach().numpy()
-    # Each packed segment alone, at the start of its own row, gives the same logits.
-    out["segments_alone"] = []
-    for row, lengths in enumerate(SEGMENT_LENGTHS):
-        start = 0
-        for length in lengths:
-            alone = chunks[0](tokens[row:row + 1, start:start + length], None,
-                              h.causal_attention_mask(1, length))
-            out["segments_alone"].append((row, start, length, alone[0].detach().numpy()))
-            start += length
-    (logits * _grad_probe()).sum().backward()
-    out["packed_grads"] = _canonical_grads(chunks)
-    out["untied_logits"] = h.forward_logits(h.build_tiny_gpt(**MODEL, tied=False), tokens,
-                                            causal).numpy()
-    out["swiglu_logits"] = h.forward_logits(h.build_tiny_gpt(**MODEL, swiglu=True), tokens,
-                                            causal).numpy()
-    train_chunks = h.build_tiny_gpt(**MODEL)
-    out["grad_norm"] = _train_step(train_chunks, train_chunks[0].config, tokens, 2)
-    out["trained_sd"] = {k: v.numpy() for k, v in h.full_state_dict(train_chunks).items()}
-    h.destroy_parallel()
+    with h.parallel_world():
+        tokens, causal = _tokens(), h.causal_attention_mask(BATCH, SEQ)
+        packed = h.packed_causal_attention_mask(_segment_ids())
+        out = {}
+        chunks = h.build_tiny_gpt(**MODEL)
+        out["full_sd"] = {k: v.numpy() for k, v in h.full_state_dict(chunks).items()}
+        out["logits"] = h.forward_logits(chunks, tokens, causal).numpy()
+        out["cp_attention_logits"] = h.forward_logits(
+            h.build_tiny_gpt(**MODEL, cp_attention=True), tokens, causal).numpy()
+        logits = chunks[0](tokens, None, packed)
+        out["packed_logits"] = logits.detach().numpy()
+        # Each packed segment alone, at the start of its own row, gives the same logits.
+        out["segments_alone"] = []
+        for row, lengths in enumerate(SEGMENT_LENGTHS):
+            start = 0
+            for length in lengths:
+                alone = chunks[0](tokens[row:row + 1, start:start + length], None,
+                                  h.causal_attention_mask(1, length))
+                out["segments_alone"].append((row, start, length, alone[0].detach().numpy()))
+                start += length
+        (logits * _grad_probe()).sum().backward()
+        out["packed_grads"] = _canonical_grads(chunks)
+        out["untied_logits"] = h.forward_logits(h.build_tiny_gpt(**MODEL, tied=False), tokens,
+                                                causal).numpy()
+        out["swiglu_logits"] = h.forward_logits(h.build_tiny_gpt(**MODEL, swiglu=True), tokens,
+                                                causal).numpy()
+        train_chunks = h.build_tiny_gpt(**MODEL)
+        out["grad_norm"] = _train_step(train_chunks, train_chunks[0].config, tokens, 2)
+        out["trained_sd"] = {k: v.numpy() for k, v in h.full_state_dict(train_chunks).items()}
     return out
 
 
@@ -141,14 +140,13 @@ def _logits_split(tp=1, pp=1, vpp=None, tied=True, swiglu=False):
     """Full-vocabulary logits (last stage, else None) and the gathered full state dict."""
     from tests.harness import megatron as h
 
-    h.init_parallel(tp=tp, pp=pp, vpp=vpp)
-    chunks = h.build_tiny_gpt(**MODEL, tied=tied, swiglu=swiglu)
-    tokens, mask = _tokens(), h.causal_attention_mask(BATCH, SEQ)
-    logits = h.forward_logits(chunks, tokens, mask, num_microbatches=2)
-    full_sd = h.full_state_dict(chunks)
-    h.load_shard(chunks, full_sd)  # round trip must be a no-op
-    again = h.forward_logits(chunks, tokens, mask, num_microbatches=2)
-    h.destroy_parallel()
+    with h.parallel_world(tp=tp, pp=pp, vpp=vpp):
+        chunks = h.build_tiny_gpt(**MODEL, tied=tied, swiglu=swiglu)
+        tokens, mask = _tokens(), h.causal_attention_mask(BATCH, SEQ)
+        logits = h.forward_logits(chunks, tokens, mask, num_microbatches=2)
+        full_sd = h.full_state_dict(chunks)
+        h.load_shard(chunks, full_sd)  # round trip must be a no-op
+        again = h.forward_logits(chunks, tokens, mask, num_microbatches=2)
     if logits is None:
         return None
     assert torch.equal(logits, again)
@@ -161,16 +159,15 @@ def _cp_split(tp=1):
 
     from tests.harness import megatron as h
 
-    h.init_parallel(tp=tp, cp=2)
-    chunks = h.build_tiny_gpt(**MODEL)
-    tokens = h.cp_split(_tokens())
-    causal = h.forward_logits(chunks, tokens, None)  # mask None: causal in global positions
-    packed_mask = h.cp_split(h.packed_causal_attention_mask(_segment_ids()), dim=2)
-    packed = h.gather_tp_logits(chunks[0](tokens, None, packed_mask))
-    (packed * h.cp_split(_grad_probe())).sum().backward()
-    grads = _canonical_grads(chunks)
-    cp_rank = ps.get_context_parallel_rank()
-    h.destroy_parallel()
+    with h.parallel_world(tp=tp, cp=2):
+        chunks = h.build_tiny_gpt(**MODEL)
+        tokens = h.cp_split(_tokens())
+        causal = h.forward_logits(chunks, tokens, None)  # mask None: causal in global positions
+        packed_mask = h.cp_split(h.packed_causal_attention_mask(_segment_ids()), dim=2)
+        packed = h.gather_tp_logits(chunks[0](tokens, None, packed_mask))
+        (packed * h.cp_split(_grad_probe())).sum().backward()
+        grads = _canonical_grads(chunks)
+        cp_rank = ps.get_context_parallel_rank()
     return cp_rank, causal.numpy(), packed.detach().numpy(), grads
 
 
@@ -180,13 +177,12 @@ def _train_split(tp=1):
 
     from tests.harness import megatron as h
 
-    h.init_parallel(tp=tp)
-    chunks = h.build_tiny_gpt(**MODEL)
-    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    grad_norm = _train_step(chunks, chunks[0].config, _tokens().chunk(dp)[dp_rank], 1)
-    trained = {k: v.numpy() for k, v in h.full_state_dict(chunks).items()}
-    local = {name: p.detach().numpy().copy() for name, p in chunks[0].named_parameters()}
-    h.destroy_parallel()
+    with h.parallel_world(tp=tp):
+        chunks = h.build_tiny_gpt(**MODEL)
+        dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+        grad_norm = _train_step(chunks, chunks[0].config, _tokens().chunk(dp)[dp_rank], 1)
+        trained = {k: v.numpy() for k, v in h.full_state_dict(chunks).items()}
+        local = {name: p.detach().numpy().copy() for name, p in chunks[0].named_parameters()}
     return grad_norm, trained, local
 
 

@@ -330,7 +330,7 @@ def test_analyze_at_dp2_in_selection_batches(analysis, dist_run):
 
 
 def test_select_in_batches_drops_unplaceable_samples_and_batches():
-    from q_tuning.train.analyze import select_in_batches
+    from q_tuning.train.analysis import select_in_batches
 
     ppl = torch.exp(torch.linspace(0, 3, 12, dtype=torch.float64))
     ent = torch.linspace(2, 0, 12, dtype=torch.float64).roll(5)
@@ -344,9 +344,9 @@ def test_select_in_batches_drops_unplaceable_samples_and_batches():
 
 
 def test_progress_line_reports_samples_per_second(capsys):
-    from q_tuning.train.analyze import _Progress
+    from q_tuning.train.analysis import ScoringProgress
 
-    progress = _Progress(50, enabled=True)
+    progress = ScoringProgress(50, enabled=True)
     progress.update(16)  # not a terminal: silent until 10 s have passed, or the end
     progress.update(50)
     err = capsys.readouterr().err

@@ -22,7 +22,10 @@ Axis by axis, what happens in a Q-Tuning step and which module does it:
   (`training`).
 - Errors: bad input found on any rank is agreed on before any collective
   (`comm.agree_on_errors`), so every rank raises the same error instead of hanging.
-- Process groups: `process_group.join_process_group` (torchrun, Ray, or one process) and
-  `process_group.free_port`; rank queries `comm.is_global_rank_zero`, `comm.rank_in`,
-  `comm.size_and_rank`.
+- Process groups: `process_group.join_process_group` (torchrun, Ray, or one process),
+  `process_group.leave_process_group`, `process_group.free_port`, `process_group.is_backend_error`;
+  rank queries `comm.is_global_rank_zero`, `comm.rank_in`, `comm.size_and_rank`,
+  `comm.world_size`; the command-line tools' own exchanges (`comm.barrier`,
+  `comm.all_gather_tensors`, `comm.all_gather_objects`, `comm.gather_objects_to_first`, and
+  `comm.all_reduce_sum_` of the trainer's step counts, host tensors included).
 """

@@ -31,6 +31,17 @@ def rank_in(group) -> int:
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
+def world_size() -> int:
+    """Processes in the default group (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """Wait for every rank of the default group (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def size_and_rank(group) -> tuple[int, int]:
     """(world size, rank) of `group`; (1, 0) for None or without a process group."""
     if group is None or not (dist.is_available() and dist.is_initialized()):
@@ -90,18 +101,25 @@ def all_gather_rows(local: torch.Tensor, group) -> tuple[torch.Tensor, list[int]
     return torch.cat([p[:n] for p, n in zip(parts, counts_list)]).to(local.device), counts_list
 
 
+def _all_reduce_(tensor: torch.Tensor, op, group) -> torch.Tensor:
+    """In place over `group`, on the device its backend moves (a no-op without one)."""
+    if group is not None and _active(group):
+        moved = tensor.to(_device(group))
+        dist.all_reduce(moved, op=op, group=group)
+        if moved is not tensor:
+            tensor.copy_(moved)
+    return tensor
+
+
 def all_reduce_max_(tensor: torch.Tensor, group) -> torch.Tensor:
     """In-place elementwise max over `group` (a no-op without one); for TP vocabulary shards."""
-    if group is not None and _active(group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return tensor
+    return _all_reduce_(tensor, dist.ReduceOp.MAX, group)
 
 
 def all_reduce_sum_(tensor: torch.Tensor, group) -> torch.Tensor:
-    """In-place elementwise sum over `group` (a no-op without one)."""
-    if group is not None and _active(group):
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return tensor
+    """In-place elementwise sum over `group` (a no-op without one); host tensors work under
+    NCCL too (the trainer's step counts)."""
+    return _all_reduce_(tensor, dist.ReduceOp.SUM, group)
 
 
 def broadcast_from_last_stage(tensor: torch.Tensor, pp_group) -> torch.Tensor:
@@ -116,11 +134,7 @@ def broadcast_from_last_stage(tensor: torch.Tensor, pp_group) -> torch.Tensor:
 
 def sum_over_context_parallel(tensor: torch.Tensor, cp_group) -> torch.Tensor:
     """Each CP rank filled only the positions it holds (zeros elsewhere): summing gathers them."""
-    if _active(cp_group):
-        moved = tensor.to(_device(cp_group))
-        dist.all_reduce(moved, op=dist.ReduceOp.SUM, group=cp_group)
-        tensor.copy_(moved)
-    return tensor
+    return _all_reduce_(tensor, dist.ReduceOp.SUM, cp_group)
 
 
 def all_gather_objects(obj, group) -> list:
@@ -130,6 +144,27 @@ def all_gather_objects(obj, group) -> list:
     out: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     return out
+
+
+def all_gather_tensors(tensor: torch.Tensor, group) -> list[torch.Tensor]:
+    """Equal-shaped tensors of every rank of `group`, in rank order, on the tensor's device (for
+    TP shards); `[tensor]` without a group."""
+    if group is None or not _active(group):
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return parts
+
+
+def gather_objects_to_first(obj, group) -> list | None:
+    """Python objects of every rank of `group`, in rank order, on the group's first rank; None on
+    the others. `[obj]` without a group."""
+    if group is None or not _active(group):
+        return [obj]
+    first = dist.get_process_group_ranks(group)[0]
+    parts = [None] * dist.get_world_size(group) if dist.get_rank() == first else None
+    dist.gather_object(obj, parts, dst=first, group=group)
+    return parts
 
 
 def share_first_held(payload, group):

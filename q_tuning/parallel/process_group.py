@@ -2,6 +2,8 @@
 
 Public API:
     join_process_group(*, cuda, backend=None, timeout_minutes=10.0) -> bool
+    leave_process_group(created) -> None
+    is_backend_error(err) -> bool
     free_port(host="127.0.0.1") -> int
 """
 
@@ -14,7 +16,7 @@ import socket
 import torch
 import torch.distributed as dist
 
-__all__ = ["free_port", "join_process_group"]
+__all__ = ["free_port", "is_backend_error", "join_process_group", "leave_process_group"]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -50,3 +52,16 @@ def join_process_group(*, cuda: bool, backend: str | None = None,
     dist.init_process_group(backend or ("nccl" if cuda else "gloo"),
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return True
+
+
+def leave_process_group(created: bool) -> None:
+    """Destroy the default process group when `join_process_group` created it (its return
+    value); a group someone else created is theirs to destroy."""
+    if created:
+        dist.destroy_process_group()
+
+
+def is_backend_error(err: BaseException) -> bool:
+    """Whether `err` is torch.distributed's error for a failed collective (DistBackendError,
+    where this torch has it)."""
+    return isinstance(err, getattr(dist, "DistBackendError", ()))

@@ -62,11 +62,11 @@ def _runtime_failure(err: RuntimeError, args: argparse.Namespace) -> Optional[st
     rank = f"rank {os.environ.get('RANK', '0')}"
     if isinstance(err, CheckpointSaveError):
         return f"{rank}: {err}"
-    import torch.distributed as dist
+    from q_tuning.parallel.process_group import is_backend_error
 
     text = str(err).strip()
     first = text.splitlines()[0] if text else type(err).__name__
-    collective = isinstance(err, getattr(dist, "DistBackendError", ())) or any(
+    collective = is_backend_error(err) or any(
         marker in text for marker in ("gloo", "NCCL", "ProcessGroup", "c10d"))
     if not collective:
         return None
@@ -88,49 +88,59 @@ def run(args: argparse.Namespace) -> list[dict]:
     FileNotFoundError for bad input, `checkpointing.CheckpointSaveError` for a checkpoint that
     could not be written."""
     from q_tuning.train.arguments import check_writable_paths
-    from q_tuning.train.trainer import quiet_expected_warnings
+    from q_tuning.train.runtime import quiet_expected_warnings
 
     check_writable_paths(args)  # before anything loads
-    quiet_expected_warnings(args)
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from q_tuning.train.presets import get_preset
-    from q_tuning.train.trainer import Trainer, init_distributed
+    quiet_expected_warnings(args.device)
+    from q_tuning.parallel import comm
+    from q_tuning.parallel.process_group import leave_process_group
+    from q_tuning.train.runtime import init_distributed
 
     created = init_distributed(args)
-    handlers = _setup_logging(args, dist.get_rank())
+    handlers = _setup_logging(args, rank_zero=comm.is_global_rank_zero())
     logging.getLogger("q_tuning.train").info(
         "q-tuning-train: %s, %d process(es)%s", time.strftime("%Y-%m-%d %H:%M:%S"),
-        dist.get_world_size(), f", preset {args.preset}" if args.preset else "")
+        comm.world_size(), f", preset {args.preset}" if args.preset else "")
     try:
-        if args.preset is not None and get_preset(args.preset).prepare is not None:
-            get_preset(args.preset).prepare(args)
-        trainer = None
-        try:
-            trainer = Trainer(args)
-            history = trainer.train()
-        finally:
-            if trainer is not None:
-                trainer.close()
-            elif ps.model_parallel_is_initialized():
-                ps.destroy_model_parallel()
-        if dist.get_rank() == 0:
-            _write_metrics(args, history, resumed_at=trainer.start_iteration
-                           if trainer.resume_from is not None else None)
+        trainer, history = _train(args)
+        if comm.is_global_rank_zero():
+            from q_tuning.train.metrics import write_metrics_jsonl
+
+            resumed = trainer.checkpointer.resume_from is not None
+            write_metrics_jsonl(args.output_dir, history,
+                                resumed_at=trainer.start_iteration if resumed else None)
             _print_outputs(args, trainer)
         return history
     finally:
         _remove_handlers(handlers)
-        if created:
-            dist.destroy_process_group()
+        leave_process_group(created)
 
 
-def _setup_logging(args: argparse.Namespace, rank: int) -> list[logging.Handler]:
+def _train(args: argparse.Namespace):
+    """(the closed Trainer, its history): the preset's preparation, then the run."""
+    from megatron.core import parallel_state as ps
+
+    from q_tuning.train.presets import get_preset
+    from q_tuning.train.trainer import Trainer
+
+    if args.preset is not None and get_preset(args.preset).prepare is not None:
+        get_preset(args.preset).prepare(args)
+    trainer = None
+    try:
+        trainer = Trainer(args)
+        return trainer, trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        elif ps.model_parallel_is_initialized():
+            ps.destroy_model_parallel()
+
+
+def _setup_logging(args: argparse.Namespace, *, rank_zero: bool) -> list[logging.Handler]:
     """Rank 0: q_tuning's INFO lines to stdout and <output-dir>/train.log; other ranks: warnings.
     megatron-core's INFO chatter (config dumps) is held back to warnings."""
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    if rank == 0 and args.output_dir is not None:
+    if rank_zero and args.output_dir is not None:
         path = pathlib.Path(args.output_dir) / "train.log"
         path.parent.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(path, mode="a", encoding="utf-8"))
@@ -138,7 +148,7 @@ def _setup_logging(args: argparse.Namespace, rank: int) -> list[logging.Handler]
     for handler in handlers:
         handler.setFormatter(logging.Formatter(_LOG_FORMAT))
         ours.addHandler(handler)
-    ours.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    ours.setLevel(logging.INFO if rank_zero else logging.WARNING)
     ours.propagate = False
     logging.getLogger("megatron").setLevel(logging.WARNING)
     return handlers
@@ -149,30 +159,6 @@ def _remove_handlers(handlers: list[logging.Handler]) -> None:
     for handler in handlers:
         ours.removeHandler(handler)
         handler.close()
-
-
-def _write_metrics(args: argparse.Namespace, history: list[dict],
-                   resumed_at: Optional[int] = None) -> None:
-    """<output-dir>/metrics.jsonl: one line per logged iteration (with the Q-Tuning report),
-    for scripts that compare runs; written whole, then renamed into place. A run resumed at
-    iteration N keeps the file's lines up to N (those of the runs before it) and replaces the
-    rest, so a preempted and resumed job has one line per iteration."""
-    if args.output_dir is None:
-        return
-    import json
-
-    from q_tuning._files import write_text_atomic
-
-    path = pathlib.Path(args.output_dir) / "metrics.jsonl"
-    earlier: list[str] = []
-    if resumed_at is not None and path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                if json.loads(line)["iteration"] <= resumed_at:
-                    earlier.append(line + "\n")
-            except (ValueError, KeyError, TypeError):
-                continue
-    write_text_atomic(path, earlier + [json.dumps(m, default=float) + "\n" for m in history])
 
 
 def _print_outputs(args: argparse.Namespace, trainer) -> None:
@@ -186,10 +172,11 @@ def _print_outputs(args: argparse.Namespace, trainer) -> None:
     if args.tensorboard_dir:
         rows.append(("TensorBoard", f"{args.tensorboard_dir}  (tensorboard --logdir "
                                     f"{args.tensorboard_dir})"))
-    if args.save and trainer is not None and trainer.last_saved_iteration is not None:
+    saved = trainer.checkpointer.last_saved_iteration
+    if args.save and saved is not None:
         from q_tuning.train.checkpointing import checkpoint_path
 
-        rows.append(("checkpoint", f"{checkpoint_path(args.save, trainer.last_saved_iteration)}"
+        rows.append(("checkpoint", f"{checkpoint_path(args.save, saved)}"
                                    f"  (resume with --load {args.save})"))
     if args.export_hf:
         rows.append(("HF model", args.export_hf))

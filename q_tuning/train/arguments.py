@@ -62,7 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default=None,
                         help="default home of --save (<dir>/checkpoints), --tensorboard-dir "
                              "(<dir>/tensorboard) and the log file (<dir>/train.log)")
+    _add_model_args(parser)
+    _add_data_args(parser)
+    _add_training_args(parser)
+    _add_optimizer_args(parser)
+    _add_parallelism_args(parser)
+    _add_checkpointing_args(parser)
+    _add_logging_args(parser)
+    add_q_tuning_args(parser)
+    return parser
 
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--hf-checkpoint", default=None,
                    help="HF model folder (safetensors, config, tokenizer) or a .gguf file; "
@@ -76,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "speed; padded logits are 0 and enter the softmax, so 1 keeps the loss "
                         "and the Q-Tuning entropy exactly those of the HF model)")
 
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
                    help="JSONL file(s): chat 'messages' or 'prompt'/'response' per line")
@@ -87,6 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "skipped (no assistant turn; no assistant token within --seq-length) "
                         "instead of counting it in the start-up summary")
 
+
+def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=positive_int, default=1)
     g.add_argument("--global-batch-size", type=positive_int, default=None,
@@ -114,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "and LR schedule unchanged, its samples consumed) with a warning "
                         "(Megatron-LM's flag; --no-check-for-nan-in-loss-and-grad: step anyway)")
 
+
+def _add_optimizer_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("optimizer")
     g.add_argument("--lr", type=_non_negative_float, default=1e-5)
     g.add_argument("--min-lr", type=_non_negative_float, default=0.0)
@@ -132,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="overlap the data-parallel gradient reduction with the backward pass")
 
+
+def _add_parallelism_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=positive_int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=positive_int, default=1)
@@ -146,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a collective that waits longer (a rank stopped, hung or far slower) "
                         "ends the job with an error naming this timeout; fractions allowed")
 
+
+def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="checkpoint folder (megatron dist_checkpointing)")
     g.add_argument("--no-save", action="store_true",
@@ -173,12 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the final model as an HF folder (safetensors, config, tokenizer) "
                         "here")
 
+
+def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=positive_int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
-
-    add_q_tuning_args(parser)
-    return parser
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -40,22 +40,24 @@ folder that nothing reads (`incomplete_checkpoints` lists it, the trainer report
 the next save of that iteration replaces it). A save that fails on any rank (no space left, an
 I/O error) raises `CheckpointSaveError` on every rank, naming the incomplete folder (removed, to
 give the space back) and the latest complete checkpoint, which stays as it was.
+
+The model, RNG and optimizer pieces of the state are built in `checkpoint_state`.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import random
 import re
 import shutil
 import socket
-from typing import Any, Optional, Sequence
+from typing import Optional
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
+
+from q_tuning.parallel import comm
+from q_tuning.train import checkpoint_state as cs
 
 __all__ = ["TRACKER_FILE", "CheckpointError", "CheckpointSaveError", "checkpoint_path",
            "find_checkpoint", "incomplete_checkpoints", "check_writable", "read_trainer_state",
@@ -63,7 +65,6 @@ __all__ = ["TRACKER_FILE", "CheckpointError", "CheckpointSaveError", "checkpoint
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 _TRAINER_KEY = "q_tuning_trainer"
-_RNG_KEY = "rng_state"
 FORMAT_VERSION = 1
 
 
@@ -209,117 +210,6 @@ def check_compatible(saved: dict, current: dict, *, load_optim: bool) -> None:
                                   + ": resume at the saved split or pass --no-load-optim")
 
 
-# --- state dicts ---------------------------------------------------------------------------------
-
-def _unwrap(chunk):
-    """The GPTModel inside DDP / Float16Module (Megatron-LM checkpoints the bare model)."""
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
-        chunk = chunk.module
-    return chunk
-
-
-def _metadata(use_distributed_optimizer: bool) -> dict:
-    # Megatron-LM's defaults (training/checkpointing.py, _build_sharded_state_dict_metadata).
-    # A fresh dict per use: megatron adds process groups to it (unpicklable, not for common.pt).
-    metadata = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-    if use_distributed_optimizer:
-        metadata["distrib_optim_sharding_type"] = "dp_reshardable"
-    return metadata
-
-
-def _model_state(model_chunks: Sequence[torch.nn.Module], metadata: dict) -> dict:
-    chunks = [_unwrap(c) for c in model_chunks]
-    if len(chunks) == 1:
-        return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
-    return {f"model{i}": c.sharded_state_dict(metadata=metadata) for i, c in enumerate(chunks)}
-
-
-def _rng_state() -> dict:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    return {"random": random.getstate(), "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            "tracker": get_cuda_rng_tracker().get_states()}
-
-
-def _set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
-
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-    get_cuda_rng_tracker().set_states(state["tracker"])
-
-
-def _rng_sharded_object(states: Any):
-    """This rank's slot of the global (PP, TP) grid of RNG lists (one entry per DP x CP rank)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    return ShardedObject(
-        _RNG_KEY, states,
-        (ps.get_pipeline_model_parallel_world_size(), ps.get_tensor_model_parallel_world_size()),
-        (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank()),
-        replica_id=ps.get_data_parallel_rank(with_context_parallel=True))
-
-
-def _dp_cp_gather_rng() -> list:
-    from megatron.core import parallel_state as ps
-
-    group = ps.get_data_parallel_group(with_context_parallel=True)
-    states: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(states, _rng_state(), group=group)
-    return states
-
-
-def _init_empty_torch_adam_state(optimizer) -> None:
-    """Give a fresh distributed optimizer zero Adam state (loading then overwrites it).
-
-    megatron-core 0.16 `DistributedOptimizer.state_dict()` (distrib_optimizer.py, "Extract
-    'step', for non-Apex/TE support") reads every parameter's 'step', which a torch Adam that
-    never stepped lacks; this is the path without transformer-engine / apex (CPU).
-    """
-    for inner in _torch_adams_of_distributed_optimizers(optimizer):
-        for group in inner.param_groups:
-            for param in group["params"]:
-                if not inner.state[param]:
-                    inner.state[param].update(step=torch.tensor(0.0),
-                                              exp_avg=torch.zeros_like(param),
-                                              exp_avg_sq=torch.zeros_like(param))
-
-
-def _torch_adams_of_distributed_optimizers(optimizer):
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if isinstance(opt, DistributedOptimizer) and type(inner) in (torch.optim.Adam,
-                                                                      torch.optim.AdamW):
-            yield inner
-
-
-def _restore_torch_adam_steps(optimizer) -> None:
-    """Each parameter's Adam 'step' from the loaded param groups, one tensor per parameter.
-
-    Two megatron-core 0.16 quirks of the distributed optimizer with a torch Adam (the path
-    without transformer-engine / apex, i.e. CPU): `load_state_dict` gives every parameter the
-    same `step` tensor object (torch's Adam increments each parameter's step in place, so a
-    shared one advances once per parameter per iteration), and the 'dp_reshardable' loader then
-    copies the step of the loading template (0) back over it. The checkpoint's step survives in
-    the param groups (megatron puts it there for torch optimizers).
-    """
-    for inner in _torch_adams_of_distributed_optimizers(optimizer):
-        for group in inner.param_groups:
-            if "step" not in group:
-                continue
-            for param in group["params"]:
-                if param in inner.state:
-                    inner.state[param]["step"] = torch.tensor(float(group["step"]),
-                                                              dtype=torch.float32)
-
 
 # --- save / load ---------------------------------------------------------------------------------
 
@@ -328,58 +218,72 @@ def save_checkpoint(root: str | os.PathLike, iteration: int, model_chunks, optim
     """Collective: write checkpoint `iteration` under `root` (see the module doc).
 
     Raises CheckpointSaveError on every rank when any rank failed to write; the previous
-    checkpoint and the tracker are then untouched."""
-    from megatron.core import dist_checkpointing
-
+    checkpoint and the tracker are then untouched. Three stages, each agreed on by every rank:
+    rank 0 prepares the temporary folder, every rank writes its shards, rank 0 commits."""
     root = pathlib.Path(root)
     final = checkpoint_path(root, iteration)
     tmp = root / f".{final.name}.tmp"
-    rank = dist.get_rank()
-    error = None
-    if rank == 0:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
-            tmp.mkdir()
-        except OSError as err:
-            error = f"{type(err).__name__}: {err}"
+    error = _prepare_folder(root, tmp) if comm.is_global_rank_zero() else None
     _agree_on_save(error, root, iteration, tmp)  # also the barrier before writing
-
-    error = None
-    try:
-        metadata = _metadata(use_distributed_optimizer)
-        state = _model_state(model_chunks, metadata)
-        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
-                                                          metadata=metadata)
-        state[_RNG_KEY] = _rng_sharded_object(_dp_cp_gather_rng())
-        state[_TRAINER_KEY] = {**trainer_state, "format_version": FORMAT_VERSION,
-                               "sharded_state_dict_metadata": _metadata(use_distributed_optimizer)}
-        dist_checkpointing.save(state, str(tmp))  # ends with a barrier
-    except (Exception, CheckpointException) as err:  # no space, I/O: agreed on below
-        error = _describe_save_error(err)
+    error = _write_shards(tmp, model_chunks, optimizer, trainer_state, use_distributed_optimizer)
     _agree_on_save(error, root, iteration, tmp)
-
-    error = None
-    if rank == 0:
-        try:
-            if not (tmp / "metadata.json").is_file():
-                raise OSError(f"{tmp} has no metadata.json after the save")
-            if final.exists():  # a checkpoint of the same iteration from an earlier run
-                old = root / f".{final.name}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-            tracker_tmp = root / f".{TRACKER_FILE}.tmp"
-            with open(tracker_tmp, "w") as f:
-                f.write(f"{iteration}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tracker_tmp, root / TRACKER_FILE)  # the commit point
-        except OSError as err:
-            error = f"{type(err).__name__}: {err}"
+    error = _commit(root, iteration, tmp, final) if comm.is_global_rank_zero() else None
     _agree_on_save(error, root, iteration, tmp if tmp.exists() else final)
     return final
+
+
+def _prepare_folder(root: pathlib.Path, tmp: pathlib.Path) -> Optional[str]:
+    """Rank 0: an empty `tmp` under `root` (a crashed save's is removed); the error, or None."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a crashed save
+        tmp.mkdir()
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+def _write_shards(tmp: pathlib.Path, model_chunks, optimizer, trainer_state: dict,
+                  use_distributed_optimizer: bool) -> Optional[str]:
+    """Collective: every rank writes its shards into `tmp`; this rank's error, or None."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        metadata = cs.sharded_metadata(use_distributed_optimizer)
+        state = cs.model_sharded_state(model_chunks, metadata)
+        state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=False,
+                                                          metadata=metadata)
+        state[cs.RNG_KEY] = cs.rng_sharded_object(cs.gather_rng_states())
+        state[_TRAINER_KEY] = {
+            **trainer_state, "format_version": FORMAT_VERSION,
+            "sharded_state_dict_metadata": cs.sharded_metadata(use_distributed_optimizer)}
+        dist_checkpointing.save(state, str(tmp))  # ends with a barrier
+    except (Exception, CheckpointException) as err:  # no space, I/O: agreed on by the caller
+        return _describe_save_error(err)
+    return None
+
+
+def _commit(root: pathlib.Path, iteration: int, tmp: pathlib.Path,
+            final: pathlib.Path) -> Optional[str]:
+    """Rank 0: rename `tmp` to `final`, then rewrite the tracker (the commit point)."""
+    try:
+        if not (tmp / "metadata.json").is_file():
+            raise OSError(f"{tmp} has no metadata.json after the save")
+        if final.exists():  # a checkpoint of the same iteration from an earlier run
+            old = root / f".{final.name}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            shutil.rmtree(old, ignore_errors=True)
+        os.replace(tmp, final)
+        tracker_tmp = root / f".{TRACKER_FILE}.tmp"
+        with open(tracker_tmp, "w") as f:
+            f.write(f"{iteration}\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, root / TRACKER_FILE)  # the commit point
+    except OSError as err:
+        return f"{type(err).__name__}: {err}"
+    return None
 
 
 def _describe_save_error(err: BaseException) -> str:
@@ -401,11 +305,9 @@ def _agree_on_save(local_error: Optional[str], root: pathlib.Path, iteration: in
                    incomplete: pathlib.Path) -> None:
     """Collective: CheckpointSaveError on every rank if any rank failed (rank 0 removes the
     incomplete folder first, best effort: with a full disk that gives the space back)."""
-    from q_tuning.parallel import comm
-
     err = comm.errors_on_ranks(local_error)
     if err is not None:
-        if dist.get_rank() == 0 and incomplete.name.startswith("."):
+        if comm.is_global_rank_zero() and incomplete.name.startswith("."):
             shutil.rmtree(incomplete, ignore_errors=True)
         latest = _find_quietly(root)
         raise CheckpointSaveError(
@@ -434,31 +336,26 @@ def load_checkpoint(path: str | os.PathLike, model_chunks, optimizer, *, load_op
 
     trainer_state = read_trainer_state(path)
     metadata = dict(trainer_state["sharded_state_dict_metadata"])
-    state = _model_state(model_chunks, metadata)
+    state = cs.model_sharded_state(model_chunks, metadata)
     if load_optim:
-        _init_empty_torch_adam_state(optimizer)
+        cs.init_empty_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state, is_loading=True,
                                                           metadata=metadata)
     if load_rng:
-        state[_RNG_KEY] = _rng_sharded_object(None)
+        state[cs.RNG_KEY] = cs.rng_sharded_object(None)
     loaded = dist_checkpointing.load(state, str(path))
 
-    chunks = [_unwrap(c) for c in model_chunks]
-    if len(chunks) == 1:
-        chunks[0].load_state_dict(loaded["model"], strict=True)
-    else:
-        for i, chunk in enumerate(chunks):
-            chunk.load_state_dict(loaded[f"model{i}"], strict=True)
+    cs.load_model_state(model_chunks, loaded)
     if load_optim:
         # no_grad: megatron-core 0.16 `load_parameter_state_from_dp_reshardable` copies into views
         # of fp32 parameters (the distributed optimizer's main shards) without it.
         with torch.no_grad():
             optimizer.load_state_dict(loaded["optimizer"])
-        _restore_torch_adam_steps(optimizer)
+        cs.restore_torch_adam_steps(optimizer)
     else:
         optimizer.reload_model_params()  # fp32 main weights from the loaded model weights
     if load_rng:
         from megatron.core import parallel_state as ps
 
-        _set_rng_state(loaded[_RNG_KEY][ps.get_data_parallel_rank(with_context_parallel=True)])
+        cs.set_rng_state(loaded[cs.RNG_KEY][ps.get_data_parallel_rank(with_context_parallel=True)])
     return trainer_state

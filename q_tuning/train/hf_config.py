@@ -1,6 +1,6 @@
 """HF configuration -> megatron-core: the supported architectures, the `TransformerConfig` an HF
 config maps to (checked for what megatron-core can express at the requested split), and building
-the `GPTModel` chunks. Weight conversion is in `q_tuning.train.model`.
+the `GPTModel` chunks. Weight conversion is in `q_tuning.train.hf_weights`.
 
 Public API:
     SUPPORTED_ARCHITECTURES, HF_VOCAB_ATTR
@@ -10,6 +10,7 @@ Public API:
                                params_dtype=torch.float32, **overrides) -> TransformerConfig
     build_gpt_model(hf_config, *, config=None, ...) -> GPTModel
     build_gpt_model_chunks(hf_config, *, config=None, **build_kwargs) -> list[GPTModel]
+    unwrap_model(chunk) -> GPTModel
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["HF_VOCAB_ATTR", "SUPPORTED_ARCHITECTURES", "build_gpt_model",
            "build_gpt_model_chunks", "hf_architecture", "padded_vocab_size",
-           "transformer_config_from_hf"]
+           "transformer_config_from_hf", "unwrap_model"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,3 +276,10 @@ def build_gpt_model_chunks(hf_config: "PretrainedConfig", *,
         return [build_gpt_model(hf_config, config=config, **build_kwargs)]
     return [build_gpt_model(hf_config, config=config, vp_stage=stage, **build_kwargs)
             for stage in range(vpp)]
+
+
+def unwrap_model(chunk) -> "GPTModel":
+    """The GPTModel inside DDP / Float16Module wrappers (what converts and checkpoints)."""
+    while not hasattr(chunk, "decoder") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk

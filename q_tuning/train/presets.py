@@ -85,12 +85,12 @@ def _write_gsm_data(data_dir: pathlib.Path, *, seed: int) -> None:
 
 
 def _run_on_rank_zero(fn: Callable[[], None]) -> None:
-    import torch.distributed as dist
+    """`fn` on global rank 0 (one writer of shared files), then every rank waits for it."""
+    from q_tuning.parallel import comm
 
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if comm.is_global_rank_zero():
         fn()
-    if dist.is_initialized():
-        dist.barrier()
+    comm.barrier()
 
 
 PRESETS: dict[str, Preset] = {

@@ -4,10 +4,9 @@ Run inside the processes of `tests.harness.launch.run_distributed` (torch.distri
 initialised there). Typical worker::
 
     def _worker(rank, world_size):
-        init_parallel(tp=2, pp=2)
-        chunks = build_tiny_gpt(layers=4, seed=7)          # list of GPTModel, one per virtual stage
-        logits = forward_logits(chunks, tokens, causal_attention_mask(2, 32))
-        destroy_parallel()
+        with parallel_world(tp=2, pp=2):                   # init_parallel ... destroy_parallel
+            chunks = build_tiny_gpt(layers=4, seed=7)      # list of GPTModel, one per virtual stage
+            logits = forward_logits(chunks, tokens, causal_attention_mask(2, 32))
         return None if logits is None else logits.numpy()  # [b, s, V] on the last stage only
 
 Guarantees (what the equivalence tests may rely on):
@@ -48,6 +47,7 @@ Guarantees (what the equivalence tests may rely on):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import zlib
@@ -59,9 +59,9 @@ import torch.distributed as dist
 import mcore_cpu
 
 __all__ = [
-    "init_parallel", "destroy_parallel", "tiny_gpt_config", "tiny_gpt_layer_spec",
-    "build_tiny_gpt", "full_state_dict", "load_shard", "causal_attention_mask",
-    "packed_causal_attention_mask", "cp_positions", "cp_split", "cp_merge", "gather_tp_logits",
+    "init_parallel", "destroy_parallel", "parallel_world", "tiny_gpt_config",
+    "tiny_gpt_layer_spec", "build_tiny_gpt", "full_state_dict", "load_shard",
+    "causal_attention_mask", "packed_causal_attention_mask", "cp_positions", "cp_split", "cp_merge", "gather_tp_logits",
     "forward_logits", "unwrap", "ContextParallelDotProductAttention",
 ]
 
@@ -86,6 +86,18 @@ def destroy_parallel() -> None:
     from megatron.core import parallel_state as ps
 
     ps.destroy_model_parallel()
+
+
+@contextlib.contextmanager
+def parallel_world(tp: int = 1, pp: int = 1, cp: int = 1, vpp: Optional[int] = None,
+                   seed: int = 1234):
+    """`init_parallel(...)` for the body of a `with` block, `destroy_parallel()` after it, also
+    when it raises (so the next scenario of a worker starts from a clean parallel state)."""
+    init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp, seed=seed)
+    try:
+        yield
+    finally:
+        destroy_parallel()
 
 
 # --- model ---------------------------------------------------------------------------------------

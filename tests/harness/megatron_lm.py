@@ -328,11 +328,9 @@ def step_worker(rank, world_size, tp, pp, vpp, keep_ratio: float, micro_batch_si
 
     from q_tuning.megatron_lm.step import QTuningStep
     from tests.harness.fixtures import MODEL, wrap_ddp
-    from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
-                                        init_parallel)
+    from tests.harness.megatron import build_tiny_gpt, full_state_dict, parallel_world
 
-    init_parallel(tp=tp, pp=pp, vpp=vpp)
-    try:
+    with parallel_world(tp=tp, pp=pp, vpp=vpp):
         chunks = wrap_ddp(build_tiny_gpt(**MODEL))
         step = QTuningStep(log=False)
         args = step_args(micro_batch_size, q_tuning_sample_keep_ratio=keep_ratio,
@@ -347,8 +345,6 @@ def step_worker(rank, world_size, tp, pp, vpp, keep_ratio: float, micro_batch_si
                           keep=d.selection.keep.tolist(),
                           masks=[m.tolist() for m in d.local_loss_masks])
         return result
-    finally:
-        destroy_parallel()
 
 
 def iterations_worker(rank, world_size, runs: dict[str, list[int]], config: dict):
@@ -357,10 +353,9 @@ def iterations_worker(rank, world_size, runs: dict[str, list[int]], config: dict
     the pruner's step number and the global keep mask."""
     from q_tuning.megatron_lm.step import QTuningStep
     from tests.harness.fixtures import MODEL, wrap_ddp
-    from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel
+    from tests.harness.megatron import build_tiny_gpt, parallel_world
 
-    init_parallel()
-    try:
+    with parallel_world():
         chunks = wrap_ddp(build_tiny_gpt(**MODEL))
         micro_batches = _local_micro_batches(2, 3)
         out = {}
@@ -371,8 +366,6 @@ def iterations_worker(rank, world_size, runs: dict[str, list[int]], config: dict
                 keep = step.pruner.last_decision.selection.keep.tolist()
                 out[name].append((step.pruner.step, keep))
         return out
-    finally:
-        destroy_parallel()
 
 
 def learned_positions_worker(rank, world_size, pp: int, keep_ratio: float):
@@ -384,10 +377,9 @@ def learned_positions_worker(rank, world_size, pp: int, keep_ratio: float):
     from q_tuning.megatron_lm.batches import micro_batches_to_samples
     from q_tuning.megatron_lm.step import QTuningStep, position_tables
     from tests.harness.fixtures import MODEL, wrap_ddp
-    from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel, unwrap
+    from tests.harness.megatron import build_tiny_gpt, parallel_world, unwrap
 
-    init_parallel(pp=pp)
-    try:
+    with parallel_world(pp=pp):
         model = dict(MODEL, position_embedding="learned_absolute")
         chunks = wrap_ddp(build_tiny_gpt(**model, seq_len=STEP_SEQ))
         micro_batches = _local_micro_batches(2, 3)
@@ -409,8 +401,6 @@ def learned_positions_worker(rank, world_size, pp: int, keep_ratio: float):
                 "reference_nll": _own_forward_nll(unwrap(chunks[0]), micro_batches)
                 if pp == 1 else None,
                 "loss_masks": [m.tolist() for m in samples["loss_masks"]]}
-    finally:
-        destroy_parallel()
 
 
 def _copy_weights(source: list, target: list) -> None:
@@ -447,10 +437,9 @@ def bad_call_worker(rank, world_size, case: str):
     """The adapter refuses what it cannot prune with an error (no unpruned step): returns it."""
     from q_tuning.megatron_lm.step import QTuningStep
     from tests.harness.fixtures import MODEL, wrap_ddp
-    from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel
+    from tests.harness.megatron import build_tiny_gpt, parallel_world
 
-    init_parallel()
-    try:
+    with parallel_world():
         chunks = wrap_ddp(build_tiny_gpt(**MODEL))
         micro_batches = _local_micro_batches(2, 2)
         args = step_args(2)
@@ -463,8 +452,6 @@ def bad_call_worker(rank, world_size, case: str):
         except (ValueError, RuntimeError) as e:
             return {"error": f"{type(e).__name__}: {e}"}
         return {"error": None}
-    finally:
-        destroy_parallel()
 
 
 def _swap_args(micro_batch_size, data_iterator, model):

@@ -12,7 +12,7 @@ from q_tuning import QTuningConfig, QTuningPruner
 from q_tuning.fused_stats import fused_nll_entropy
 from q_tuning.parallel import scoring
 from tests.harness.fixtures import MODEL, dp_share
-from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel, unwrap
+from tests.harness.megatron import build_tiny_gpt, parallel_world, unwrap
 
 
 # --- pure tensor-parallel case --------------------------------------------------------------------
@@ -130,42 +130,46 @@ def compare_worker(rank, world_size, tp, pp, cp, vpp, tied: bool, batch: dict, c
     fused_stats._BLOCK["cpu"] = block
     records = _Records()
     logging.getLogger("q_tuning").addHandler(records)
-    init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
     try:
-        model = dict(MODEL, tied=tied, dtype=getattr(torch, options.get("dtype", "float32")))
-        if options.get("sequence_parallel"):
-            model["sequence_parallel"] = True
-            _allow_torch_norm_under_sequence_parallel()
-        chunks = build_tiny_gpt(**model)
-        if options.get("bias"):
-            _add_output_bias(chunks, seed=5)
-        if options.get("wrap_output_layer"):
-            for c in chunks:
-                if getattr(unwrap(c), "output_layer", None) is not None:
-                    unwrap(c).output_layer = _WrappedOutputLayer(unwrap(c).output_layer)
-        from megatron.core import parallel_state as ps
-
-        share = dp_share(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-        projected: list[int] = []
-        original = scoring.fused_nll_entropy
-        scoring.fused_nll_entropy = lambda h, *a, **k: (projected.append(h.shape[0]),
-                                                        original(h, *a, **k))[1]
-        try:
-            fused = _scores(chunks, share, "fused", rows_per_micro_batch=3)
-        finally:
-            scoring.fused_nll_entropy = original
-        fused_default_rows = _scores(chunks, share, "fused")
-        logits = _scores(chunks, share, "logits", rows_per_micro_batch=3)
-        out = {"fused": fused, "fused_default_rows": fused_default_rows, "logits": logits,
-               "projected_rows": projected, "warnings": records.messages,
-               "is_last_stage": ps.is_pipeline_last_stage(ignore_virtual=True),
-               "tp_rank": ps.get_tensor_model_parallel_rank(),
-               "output_layer_restored": all(
-                   "forward" not in vars(unwrap(c).output_layer) for c in chunks
-                   if getattr(unwrap(c), "output_layer", None) is not None)}
-        if options.get("prune", True):
-            out["pruned"] = {m: _pruned(chunks, share, m, config) for m in ("fused", "logits")}
-        return out
+        with parallel_world(tp=tp, pp=pp, cp=cp, vpp=vpp):
+            return _compare(tied, batch, config, options, records)
     finally:
         logging.getLogger("q_tuning").removeHandler(records)
-        destroy_parallel()
+
+
+def _compare(tied: bool, batch: dict, config: dict, options: dict, records) -> dict:
+    """The body of `compare_worker`, inside its parallel world."""
+    model = dict(MODEL, tied=tied, dtype=getattr(torch, options.get("dtype", "float32")))
+    if options.get("sequence_parallel"):
+        model["sequence_parallel"] = True
+        _allow_torch_norm_under_sequence_parallel()
+    chunks = build_tiny_gpt(**model)
+    if options.get("bias"):
+        _add_output_bias(chunks, seed=5)
+    if options.get("wrap_output_layer"):
+        for c in chunks:
+            if getattr(unwrap(c), "output_layer", None) is not None:
+                unwrap(c).output_layer = _WrappedOutputLayer(unwrap(c).output_layer)
+    from megatron.core import parallel_state as ps
+
+    share = dp_share(batch, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
+    projected: list[int] = []
+    original = scoring.fused_nll_entropy
+    scoring.fused_nll_entropy = lambda h, *a, **k: (projected.append(h.shape[0]),
+                                                    original(h, *a, **k))[1]
+    try:
+        fused = _scores(chunks, share, "fused", rows_per_micro_batch=3)
+    finally:
+        scoring.fused_nll_entropy = original
+    fused_default_rows = _scores(chunks, share, "fused")
+    logits = _scores(chunks, share, "logits", rows_per_micro_batch=3)
+    out = {"fused": fused, "fused_default_rows": fused_default_rows, "logits": logits,
+           "projected_rows": projected, "warnings": records.messages,
+           "is_last_stage": ps.is_pipeline_last_stage(ignore_virtual=True),
+           "tp_rank": ps.get_tensor_model_parallel_rank(),
+           "output_layer_restored": all(
+               "forward" not in vars(unwrap(c).output_layer) for c in chunks
+               if getattr(unwrap(c), "output_layer", None) is not None)}
+    if options.get("prune", True):
+        out["pruned"] = {m: _pruned(chunks, share, m, config) for m in ("fused", "logits")}
+    return out

@@ -37,8 +37,7 @@ def convert_and_run(rank: int, world_size: int, layouts: list, cases: list, toke
     results = {}
     for layout in layouts:
         tp, pp, vpp = layout
-        h.init_parallel(tp=tp, pp=pp, vpp=vpp)
-        try:
+        with h.parallel_world(tp=tp, pp=pp, vpp=vpp):
             for name, folder in cases:
                 hf_config = qm.read_hf_config(folder)
                 chunks = qm.build_gpt_model_chunks(hf_config)
@@ -56,6 +55,4 @@ def convert_and_run(rank: int, world_size: int, layouts: list, cases: list, toke
                     "export": ({k: v.numpy() for k, v in exported.items()}
                                if torch.distributed.get_rank() == 0 else None),
                 }
-        finally:
-            h.destroy_parallel()
     return results

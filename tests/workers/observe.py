@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
 
 from tests.harness.fixtures import MODEL, dp_share, global_batch
-from tests.harness.megatron import build_tiny_gpt, destroy_parallel, init_parallel
+from tests.harness.megatron import build_tiny_gpt, parallel_world
 
 STEPS = 3
 BATCH = 12
@@ -24,9 +25,8 @@ def hooks_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
     from q_tuning.observe import gather_rollout_stats, load_hooks, log_step
     from q_tuning.observe.hooks import reproduce_selection
 
-    init_parallel()
     writer = None
-    try:
+    with parallel_world(), contextlib.ExitStack() as cleanup:
         from megatron.core import parallel_state as ps
 
         chunks = build_tiny_gpt(**MODEL)
@@ -38,6 +38,7 @@ def hooks_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
             from torch.utils.tensorboard import SummaryWriter
 
             writer = SummaryWriter(log_dir=tb_dir)
+            cleanup.callback(writer.close)  # before the parallel world ends
         steps = []
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         for step in range(1, STEPS + 1):
@@ -55,10 +56,6 @@ def hooks_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
                           "recomputed": (recomputed.level, list(recomputed.thresholds),
                                          recomputed.keep.tolist())})
         return steps
-    finally:
-        if writer is not None:
-            writer.close()
-        destroy_parallel()
 
 
 def observe_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,

@@ -6,8 +6,8 @@ import torch
 
 from q_tuning import QTuningConfig, QTuningPruner, RunShape
 from tests.harness.fixtures import MODEL, dp_share, global_batch, kept_token_nll, wrap_ddp  # noqa: F401
-from tests.harness.megatron import (build_tiny_gpt, causal_attention_mask, destroy_parallel,
-                                    full_state_dict, init_parallel, unwrap)
+from tests.harness.megatron import (build_tiny_gpt, causal_attention_mask, full_state_dict,
+                                    parallel_world, unwrap)
 
 def _dp():
     from megatron.core import parallel_state as ps
@@ -24,8 +24,7 @@ def _decision(pruner) -> dict:
 
 def prune_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
                  run: dict | None = None, prune_kwargs: dict | None = None):
-    init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
-    try:
+    with parallel_world(tp=tp, pp=pp, cp=cp, vpp=vpp):
         chunks = build_tiny_gpt(**MODEL)
         dp_rank, dp_size = _dp()
         pruner = QTuningPruner(QTuningConfig(**config), RunShape(**(run or {})), log=False)
@@ -34,14 +33,11 @@ def prune_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
         return {**_decision(pruner), "report": report.to_json(), "dp_rank": dp_rank,
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])},
                 "new_tokens": [t.tolist() for t in new_batch["tokens"]]}
-    finally:
-        destroy_parallel()
 
 
 def reference_worker(rank, world_size, batch: dict):
     """Plain per-sample forward of the same model, float64 softmax over the full vocabulary."""
-    init_parallel()
-    try:
+    with parallel_world():
         (model,) = build_tiny_gpt(**MODEL)
         model.eval()
         out = []
@@ -56,8 +52,6 @@ def reference_worker(rank, world_size, batch: dict):
                 ent[1:] = -(logp.exp() * logp).sum(-1)
                 out.append((nll, ent))
         return out
-    finally:
-        destroy_parallel()
 
 
 def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: dict,
@@ -66,8 +60,7 @@ def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: di
     loss. Returns the full gradients, the kept masks, and every training forward's input rows."""
     from q_tuning.parallel.training import forward_backward
 
-    init_parallel(tp=tp, pp=pp, cp=cp, vpp=vpp)
-    try:
+    with parallel_world(tp=tp, pp=pp, cp=cp, vpp=vpp):
         chunks = wrap_ddp(build_tiny_gpt(**MODEL))
         dp_rank, dp_size = _dp()
         pruner = QTuningPruner(QTuningConfig(**config), log=False)
@@ -84,14 +77,11 @@ def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: di
         return {"grads": grads, "seen_rows": seen_rows, "report": report.to_json(),
                 "dp_rank": dp_rank,
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])}}
-    finally:
-        destroy_parallel()
 
 
 def reference_grads_worker(rank, world_size, batch: dict, kept_masks: dict):
     """Gradient of the mean token loss over exactly the kept tokens of the kept samples."""
-    init_parallel()
-    try:
+    with parallel_world():
         (model,) = build_tiny_gpt(**MODEL)
         model.train()
         pieces = kept_token_nll(model, batch["tokens"], kept_masks)
@@ -99,14 +89,11 @@ def reference_grads_worker(rank, world_size, batch: dict, kept_masks: dict):
         count = sum(p[1] for p in pieces)  # mask values are loss weights; count the tokens
         (total / count).backward()
         return full_state_dict([model], grads=True)
-    finally:
-        destroy_parallel()
 
 
 def bad_input_worker(rank, world_size, case: str, run: dict | None = None):
     """Every rank must raise the same ValueError (no hang), whichever rank holds the bad input."""
-    init_parallel()
-    try:
+    with parallel_world():
         chunks = build_tiny_gpt(**MODEL)
         batch = dp_share(global_batch(8), rank, world_size)
         if case == "empty":
@@ -127,8 +114,6 @@ def bad_input_worker(rank, world_size, case: str, run: dict | None = None):
         except ValueError as e:
             return {"error": str(e)}
         return {"report": report.to_json()}
-    finally:
-        destroy_parallel()
 
 
 def hook_clearing_last_token(args, rollout_id, rollout_data):
@@ -146,8 +131,7 @@ def hook_failing_on_rank_one(args, rollout_id, rollout_data):
 
 
 def hook_worker(rank, world_size, hook_name: str):
-    init_parallel()
-    try:
+    with parallel_world():
         chunks = build_tiny_gpt(**MODEL)
         dp_rank, dp_size = _dp()
         hook = globals()[hook_name]
@@ -161,14 +145,11 @@ def hook_worker(rank, world_size, hook_name: str):
         return {"seen": getattr(hook, "seen", None), "n_local": len(local["tokens"]),
                 "new_last_bits": [int(m[-1]) for m in new_batch["loss_masks"]],
                 "kept_tokens": report.kept_tokens}
-    finally:
-        destroy_parallel()
 
 
 def strategy_worker(rank, world_size, config: dict, batch: dict):
     """Prune with a strategy; also counts the model forwards the pruner itself runs."""
-    init_parallel()
-    try:
+    with parallel_world():
         chunks = build_tiny_gpt(**MODEL)
         dp_rank, dp_size = _dp()
         forwards = []
@@ -183,8 +164,6 @@ def strategy_worker(rank, world_size, config: dict, batch: dict):
             h.remove()
         return {**_decision(pruner), "report": report.to_json(), "forwards": len(forwards),
                 "new": {int(u): m.tolist() for u, m in zip(new_batch["uid"], new_batch["loss_masks"])}}
-    finally:
-        destroy_parallel()
 
 
 def rank_dependent_strategy(inputs):

@@ -6,16 +6,14 @@ from __future__ import annotations
 from q_tuning.parallel.scoring import score_samples
 from q_tuning.parallel.training import forward_backward
 from tests.harness.fixtures import MODEL, global_batch, wrap_ddp
-from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
-                                    init_parallel, unwrap)
+from tests.harness.megatron import build_tiny_gpt, full_state_dict, parallel_world, unwrap
 
 BUDGET = 64  # tokens per packed row: several samples of 5-29 tokens per row
 
 
 def compare_worker(rank, world_size, tp: int):
     """Scores and one step's loss and gradients, THD vs mask path, same weights and batch."""
-    init_parallel(tp=tp)
-    try:
+    with parallel_world(tp=tp):
         batch = global_batch(10)
         out = {}
         for name, thd in (("mask", False), ("thd", True)):
@@ -40,13 +38,10 @@ def compare_worker(rank, world_size, tp: int):
                                  batch["loss_masks"])
         out["unpacked"] = {"nll": unpacked.nll, "entropy": unpacked.entropy}
         return out
-    finally:
-        destroy_parallel()
 
 
 def cp_refusal_worker(rank, world_size):
-    init_parallel(cp=2)
-    try:
+    with parallel_world(cp=2):
         chunks = build_tiny_gpt(**MODEL, thd_attention=True, cp_attention=False)
         batch = global_batch(6)
         try:
@@ -54,5 +49,3 @@ def cp_refusal_worker(rank, world_size):
         except ValueError as e:
             return str(e)
         return None
-    finally:
-        destroy_parallel()
