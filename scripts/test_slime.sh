@@ -3,14 +3,24 @@
 #
 #   scripts/test_slime.sh                 tests/test_slime.py (the CI tests, against the in-project
 #                                         stand-in tests/harness/slime_standin.py)
-#   scripts/test_slime.sh /path/to/slime  the same, then a contract check against that slime
-#                                         checkout: its build_dp_schedule gives the same schedules
-#                                         as the stand-in's, and its actor/data-iterator code still
-#                                         has the hook points q_tuning.slime relies on.
+#   scripts/test_slime.sh /path/to/slime [/path/to/Megatron-LM] [pytest args...]
+#                                         the same, then
+#                                         1. a contract check against that slime checkout: its
+#                                            build_dp_schedule gives the same schedules as the
+#                                            stand-in's, and its actor/data-iterator code still has
+#                                            the hook points q_tuning.slime relies on;
+#                                         2. tests/slime_real/check_real_slime.py: slime's real
+#                                            Megatron actor training step on CPU (gloo, 1 and 2
+#                                            processes, saved debug rollout data, no inference
+#                                            engine), with and without Q-Tuning.
 #
-# NOT done yet: running slime's real Megatron actor training step on CPU (needs stubs for sglang,
-# sglang_router, torch_memory_saver, httpx..., a CPU accelerator and a THD attention spec; see
-# docs/slime.md, "Not done yet").
+# slime and Megatron-LM are not on PyPI and none of their code is part of this project; clone them
+# yourself, outside this repository (tested: slime 624b824, Megatron-LM tag core_v0.16.1):
+#   git clone https://github.com/THUDM/slime /path/to/slime
+#   git clone https://github.com/NVIDIA/Megatron-LM /path/to/Megatron-LM
+#   git -C /path/to/Megatron-LM checkout core_v0.16.1
+# Megatron-LM (slime imports megatron.training) is the second argument, else $MEGATRON_LM_ROOT,
+# else a megatron-lm / Megatron-LM checkout next to the slime one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
@@ -21,8 +31,24 @@ PY=.venv/bin/python
 
 SLIME="${1:-}"
 [ -n "$SLIME" ] || exit 0
+shift
 [ -d "$SLIME/slime" ] || { echo "test_slime.sh: $SLIME has no slime/ package" >&2; exit 2; }
-echo "== contract check against $SLIME ($(git -C "$SLIME" rev-parse --short HEAD 2>/dev/null || echo '?'))"
+SLIME="$(cd "$SLIME" && pwd)"
+MEGATRON="${MEGATRON_LM_ROOT:-}"
+if [ $# -gt 0 ] && [ -d "$1/megatron/training" ]; then MEGATRON="$1"; shift; fi
+if [ -z "$MEGATRON" ]; then
+    for guess in "$SLIME/../megatron-lm" "$SLIME/../Megatron-LM"; do
+        [ -d "$guess/megatron/training" ] && MEGATRON="$guess" && break
+    done
+fi
+[ -n "$MEGATRON" ] && [ -d "$MEGATRON/megatron/training" ] || {
+    echo "test_slime.sh: no Megatron-LM checkout (give it as the second argument or in" \
+         "MEGATRON_LM_ROOT)" >&2; exit 2; }
+MEGATRON="$(cd "$MEGATRON" && pwd)"
+SLIME_COMMIT="$(git -C "$SLIME" rev-parse HEAD 2>/dev/null || echo '?')"
+echo "== slime commit $SLIME_COMMIT ($SLIME)"
+echo "== Megatron-LM $(git -C "$MEGATRON" describe --tags --always 2>/dev/null || echo '?') ($MEGATRON)"
+echo "== contract check against $SLIME"
 SLIME_ROOT="$SLIME" PYTHONPATH="$PWD" "$PY" - <<'EOF'
 import argparse, ast, os, random, sys
 
@@ -75,3 +101,7 @@ for k, ok in checks.items():
 if failures or not all(checks.values()):
     sys.exit(f"contract check failed ({len(failures)} schedule mismatches)")
 EOF
+
+echo "== slime's real Megatron actor step on CPU (slime $SLIME_COMMIT)"
+SLIME_ROOT="$SLIME" MEGATRON_LM_ROOT="$MEGATRON" timeout 3000 \
+    "$PY" -m pytest -q -s -p no:cacheprovider tests/slime_real/check_real_slime.py "$@"

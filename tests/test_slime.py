@@ -154,6 +154,9 @@ def test_forwarded_tokens_drop_and_dropped_samples_never_enter(tmp_dir):
     summary = pruned[0]["summary"]
     assert summary["kept_samples"] == 8 and summary["forwarded_tokens"] == sum(
         s["tokens"] for s in pruned[0]["seen"])
+    # the step's totals over every DP rank (the `[Q-Tuning] slime rollout ...` log line)
+    assert (summary["step_forwarded_tokens_before"], summary["step_forwarded_tokens"]) == \
+        (TOTAL_TOKENS, forwarded)
 
 
 def test_per_sample_mean_loss_with_static_micro_batches(tmp_dir):

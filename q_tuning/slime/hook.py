@@ -17,6 +17,9 @@ slime (THUDM/slime since bd217a63f) calls the hook on every actor rank, in
    and, for slime's per-sample-mean loss, the denominators (`rollout_mask_sums`) from the pruned
    masks;
 6. runs the user's own postprocess hook, if one was chained (`q_tuning_postprocess_chain`).
+
+Global rank 0 logs each rollout: the pruner's `[Q-Tuning]` lines, then `[Q-Tuning] slime rollout
+N: training K/M samples, forwarding A/B tokens, C micro-batches per DP rank` (A/B over the step).
 """
 
 from __future__ import annotations
@@ -245,10 +248,19 @@ def prune_rollout(state: _State, model: list, args: Any, rollout_id: int,
     rollout_data["micro_batch_indices"][:] = indices
     rollout_data["num_microbatches"][:] = [count]
     forwarded = sum(int(s["tokens"].numel()) for s in ordered)
+    # the whole step's forwarded tokens (every DP rank), for the log line
+    before_all, after_all = (sum(v) for v in zip(*comm.all_gather_objects(
+        (forwarded_before, forwarded), dp_group)))
     summary = {"kept_samples": report.kept_samples, "total_samples": report.total_samples,
                "kept_tokens": report.kept_tokens, "total_tokens": report.total_tokens,
                "num_microbatches": count, "fillers": missing,
-               "forwarded_tokens_before": forwarded_before, "forwarded_tokens": forwarded}
+               "forwarded_tokens_before": forwarded_before, "forwarded_tokens": forwarded,
+               "step_forwarded_tokens_before": before_all, "step_forwarded_tokens": after_all}
+    if comm.is_global_rank_zero():
+        print(f"[Q-Tuning] slime rollout {rollout_id}: training {report.kept_samples}/"
+              f"{report.total_samples} samples, forwarding {after_all}/{before_all} tokens, "
+              f"{count} micro-batches per DP rank"
+              + (f" ({missing} filler)" if missing else ""), flush=True)
     state.last_summary = summary
     state.last_report = report
     return summary

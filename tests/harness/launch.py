@@ -4,18 +4,30 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
+import signal
+import subprocess
 import traceback
 from typing import Any, Callable
 
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from q_tuning.parallel.process_group import free_port
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def run_killable(cmd: list[str], *, cwd, env: dict, timeout: float
+                 ) -> tuple[int | None, str]:
+    """Run `cmd` in its own session; (exit status, output). After `timeout` seconds the whole
+    process group is killed and the status is None: a hang fails a test, never blocks it."""
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        return None, out
+    return proc.returncode, out
 
 
 def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
@@ -44,7 +56,7 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue), daemon=True)
              for r in range(world_size)]
     for p in procs:

@@ -28,7 +28,6 @@ import ast
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import sysconfig
@@ -37,6 +36,9 @@ import types
 from pathlib import Path
 
 import torch
+
+from q_tuning.parallel.process_group import free_port
+from tests.harness.launch import run_killable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SITE_DIR = Path(__file__).resolve().parent / "megatron_lm_site"
@@ -120,7 +122,7 @@ def torchrun_command(nproc: int, script_args: list[str], *, q_tuning: bool,
                      python: str = sys.executable) -> list[str]:
     """`torchrun pretrain_gpt.py ...`, or through `-m q_tuning.megatron_lm` when `q_tuning`."""
     launcher = [python, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                "--master-port", str(_free_port())]
+                "--master-port", str(free_port())]
     if q_tuning:
         return launcher + ["-m", "q_tuning.megatron_lm", "pretrain_gpt.py", *script_args]
     return launcher + ["pretrain_gpt.py", *script_args]
@@ -133,16 +135,11 @@ def run_pretrain_gpt(checkout: Path, nproc: int, extra_flags: list[str], *, q_tu
     whole process group is killed after `timeout` seconds (a hang fails, never blocks)."""
     args = [*base_flags, "--train-iters", str(train_iters), *extra_flags]
     cmd = torchrun_command(nproc, args, q_tuning=q_tuning)
-    proc = subprocess.Popen(cmd, cwd=checkout, env=launch_env(checkout), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    code, out = run_killable(cmd, cwd=checkout, env=launch_env(checkout), timeout=timeout)
+    if code is None:
         raise TimeoutError(f"{' '.join(cmd)} did not finish in {timeout:.0f}s; output tail:\n"
                            + out[-4000:])
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, None)
+    return subprocess.CompletedProcess(cmd, code, out, None)
 
 
 _LOSS = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: ([0-9.Ee+-]+|nan|inf)")
@@ -181,12 +178,6 @@ def kept_tokens(output: str) -> list[int]:
                                        output)]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- in-process adapter workers (megatron-core only, run in CI) ----------------------------------
