@@ -24,9 +24,9 @@ SETTINGS = {"sample_keep_ratio": 0.5, "token_keep_ratio": 0.6}
 BUDGET = 48  # --max-tokens-per-gpu
 DATA = D.slime_data(16)
 TOTAL_TOKENS = sum(len(t) for t in DATA["slime"]["tokens"])
-# name: (world, tp, pp)
-SPLITS = {"dp1": (1, 1, 1), "dp2": (2, 1, 1), "dp4": (4, 1, 1), "tp2": (2, 2, 1),
-          "pp2": (2, 1, 2)}
+# name: (world, tp, pp, cp)
+SPLITS = {"dp1": (1, 1, 1, 1), "dp2": (2, 1, 1, 1), "dp4": (4, 1, 1, 1), "tp2": (2, 2, 1, 1),
+          "pp2": (2, 1, 2, 1), "cp2": (2, 1, 1, 2), "dp2cp2": (4, 1, 1, 2)}
 
 
 def _yaml(tmp_dir, extra: dict | None = None) -> str:
@@ -69,8 +69,8 @@ _RUNS: dict = {}
 def _run(name, tmp_dir, **kw):
     key = (name, repr(sorted(kw.items())))
     if key not in _RUNS:
-        world, tp, pp = SPLITS[name]
-        _RUNS[key] = run_distributed(D.actor_worker, world, tp, pp, _argv(tmp_dir, **kw),
+        world, tp, pp, cp = SPLITS[name]
+        _RUNS[key] = run_distributed(D.actor_worker, world, tp, pp, cp, _argv(tmp_dir, **kw),
                                      DATA["slime"], timeout=TIMEOUT)
     return _RUNS[key]
 
@@ -113,6 +113,7 @@ def test_decision_equals_the_pruner(split, tmp_dir, reference):
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_schedule_rewritten_in_place_equal_counts_balanced(split, tmp_dir):
     outs = _run(split, tmp_dir)
+    budget = BUDGET * SPLITS[split][3]  # slime packs --max-tokens-per-gpu x cp
     counts = {o["dp_rank"]: o["num_microbatches"] for o in outs}
     assert len({tuple(c) for c in counts.values()}) == 1 and counts[0][0] >= 1
     for o in outs:
@@ -123,14 +124,14 @@ def test_schedule_rewritten_in_place_equal_counts_balanced(split, tmp_dir):
         assert len(o["micro_batch_indices"]) == o["num_microbatches"][0]
         for b, seen in zip(o["micro_batch_indices"], o["seen"]):
             tokens = sum(o["samples"][i]["total"] for i in b)
-            assert tokens <= BUDGET or len(b) == 1
+            assert tokens <= budget or len(b) == 1
             assert seen["tokens"] == tokens
     real = {o["dp_rank"]: sum(1 for s in o["samples"] if any(s["mask"])) for o in outs}
     assert max(real.values()) - min(real.values()) <= 1
     assert sum(real.values()) == 8  # every kept sample trained exactly once per replica set
 
 
-@pytest.mark.parametrize("split", ["dp1", "dp2", "tp2", "pp2"])
+@pytest.mark.parametrize("split", ["dp1", "dp2", "tp2", "pp2", "cp2", "dp2cp2"])
 def test_gradients_are_the_kept_token_mean(split, tmp_dir):
     outs = _run(split, tmp_dir)
     (ref,) = run_distributed(D.reference_grads_worker, 1, DATA["ours"], _trained(outs), True,
@@ -140,11 +141,18 @@ def test_gradients_are_the_kept_token_mean(split, tmp_dir):
             torch.testing.assert_close(o["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
-def test_forwarded_tokens_drop_and_dropped_samples_never_enter(tmp_dir):
-    baseline = _run("dp2", tmp_dir, hook=False)
-    pruned = _run("dp2", tmp_dir)
-    assert sum(s["tokens"] for o in baseline for s in o["seen"]) == TOTAL_TOKENS
-    forwarded = sum(s["tokens"] for o in pruned for s in o["seen"])
+def _forwarded(outs) -> int:
+    """Tokens forwarded by the step: each DP rank's micro-batches once (its CP ranks share them,
+    each forwarding its zigzag part)."""
+    return sum(s["tokens"] for o in outs if o["cp_rank"] == 0 for s in o["seen"])
+
+
+@pytest.mark.parametrize("split", ["dp2", "cp2"])
+def test_forwarded_tokens_drop_and_dropped_samples_never_enter(split, tmp_dir):
+    baseline = _run(split, tmp_dir, hook=False)
+    pruned = _run(split, tmp_dir)
+    assert _forwarded(baseline) == TOTAL_TOKENS
+    forwarded = _forwarded(pruned)
     kept = _trained(pruned)
     # kept samples only, each cut after its last trained target
     assert forwarded == sum(max(j for j, v in enumerate(m) if v) + 1 for m in kept.values())
@@ -159,8 +167,9 @@ def test_forwarded_tokens_drop_and_dropped_samples_never_enter(tmp_dir):
         (TOTAL_TOKENS, forwarded)
 
 
-def test_per_sample_mean_loss_with_static_micro_batches(tmp_dir):
-    outs = _run("dp2", tmp_dir, per_token=False, dynamic=False)
+@pytest.mark.parametrize("split", ["dp2", "cp2"])
+def test_per_sample_mean_loss_with_static_micro_batches(split, tmp_dir):
+    outs = _run(split, tmp_dir, per_token=False, dynamic=False)
     assert len({tuple(o["num_microbatches"]) for o in outs}) == 1
     for o in outs:
         assert all(len(b) <= 2 for b in o["micro_batch_indices"])

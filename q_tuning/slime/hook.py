@@ -32,6 +32,7 @@ import torch
 
 from q_tuning.config import SETTINGS, QTuningConfig, RunShape
 from q_tuning.parallel import comm
+from q_tuning.parallel.microbatch import takes_packed_seq_params
 from q_tuning.slime import schedule as S
 
 HOOK_PATH = "q_tuning.slime.postprocess"
@@ -224,7 +225,11 @@ def prune_rollout(state: _State, model: list, args: Any, rollout_id: int,
     forwarded_before = sum(int(t.numel()) for t in batch["tokens"])
     dynamic = bool(getattr(args, "use_dynamic_batch_size", False))
     budget = (getattr(args, "max_tokens_per_gpu", None) or 0) * cp_size if dynamic else None
-    if budget:  # the pruner's packed scoring rows: slime's budget, or the longest sample
+    # The pruner's packed scoring rows: slime's budget, or the longest sample. Not under CP with
+    # THD attention (transformer-engine's, slime's on GPU): packed THD rows would need per-sample
+    # zigzag splitting, which the pruner refuses (microbatch.check_thd_context_parallel), so
+    # there each sample is scored in its own row; the scores and the decision are the same.
+    if budget and not (cp_size > 1 and takes_packed_seq_params(model[0])):
         longest = max((t.numel() for t in batch["tokens"]), default=1)
         state.pruner.run = RunShape(micro_batch_size=state.run.micro_batch_size,
                                     max_tokens_per_row=max(budget, longest),

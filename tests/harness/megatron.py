@@ -541,3 +541,60 @@ def forward_logits(chunks, tokens: torch.Tensor, attention_mask: Optional[torch.
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return gather_tp_logits(torch.cat(outputs, dim=0))
+
+
+# --- THD rows under context parallelism (slime's get_batch layout) -------------------------------
+
+def thd_cp_positions(cu_seqlens: torch.Tensor, cp_size: int, cp_rank: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment id, position inside its segment) of each token CP rank `cp_rank` holds of a THD
+    row, as transformer-engine lays it out: `cu_seqlens` are the GLOBAL segment bounds (each
+    length a multiple of 2cp) and the rank holds, of every segment in turn, its chunks r and
+    2cp-1-r (slime's `slice_with_cp` per sample, then concatenated)."""
+    segments, positions = [], []
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    for i, length in enumerate(lengths):
+        local = cp_positions(int(length), cp_size, cp_rank)  # raises unless 2cp divides it
+        segments.append(torch.full((local.numel(),), i))
+        positions.append(local)
+    return torch.cat(segments), torch.cat(positions)
+
+
+class ContextParallelPackedSeqDotProductAttention(PackedSeqDotProductAttention):
+    """`PackedSeqDotProductAttention` that also runs THD rows under CP (transformer-engine's THD
+    + CP on CPU): query `[t_local, np, hn]`, `packed_seq_params.cu_seqlens_q` global as above
+    (`thd_cp_positions`). Keys and values are all-gathered over CP; a query attends to the keys
+    of its own segment at or before its position in that segment. Install it with
+    `use_thd_cp_attention`."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None,
+                attention_bias=None, packed_seq_params=None):
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        if packed_seq_params is None or cp == 1:
+            return super().forward(query, key, value, attention_mask, attn_mask_type,
+                                   attention_bias, packed_seq_params)
+        assert packed_seq_params.qkv_format == "thd" and attention_mask is None
+        cu = packed_seq_params.cu_seqlens_q.long()
+        t = query.shape[0]
+        assert int(cu[-1]) == t * cp, (cu, t, cp)
+        q_seg, q_pos = thd_cp_positions(cu, cp, rank)
+        k_seg, k_pos = (torch.cat(x) for x in zip(*(thd_cp_positions(cu, cp, r)
+                                                     for r in range(cp))))  # gathered order
+        masked = ~((q_seg[:, None] == k_seg[None, :]) & (k_pos[None, :] <= q_pos[:, None]))
+        # The parent indexes mask columns by the zigzag position of the gathered key in one
+        # row of t*cp tokens: put column j (gathered order) where that lookup finds it.
+        gathered_at = torch.cat([cp_positions(t * cp, cp, r) for r in range(cp)])
+        masked = masked.index_select(1, torch.argsort(gathered_at))  # [t, t*cp]
+        out = ContextParallelDotProductAttention.forward(
+            self, query[:, None], key[:, None], value[:, None], masked[None, None])
+        return out[:, 0]  # [t, np*hn]
+
+
+def use_thd_cp_attention(chunks) -> list:
+    """Switch the core attention of `build_tiny_gpt(..., thd_attention=True)` chunks to
+    `ContextParallelPackedSeqDotProductAttention` (it holds no parameters or extra state)."""
+    for chunk in chunks:
+        for module in unwrap(chunk).modules():
+            if type(module) is PackedSeqDotProductAttention:
+                module.__class__ = ContextParallelPackedSeqDotProductAttention
+    return chunks

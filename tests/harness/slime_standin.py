@@ -14,7 +14,11 @@ reimplemented from their documented behaviour (no slime code): CI cannot install
   (`self.rollout_data_postprocess(self.args, rollout_id, rollout_data)` from a method whose
   `self.model` is the DDP-wrapped chunk list), then one megatron-core forward-backward per step
   with slime's sft loss (per-token, or per-sample mean over `rollout_mask_sums` and
-  `global_batch_sizes`), each micro-batch packed in one row (the CPU equivalent of slime's THD).
+  `global_batch_sizes`), scaled for megatron as slime scales it, each micro-batch packed in one
+  row: at CP 1 with a block-causal mask (the CPU equivalent of slime's THD); under CP in slime's
+  THD layout (every CP rank holds the whole samples; each sample sliced zigzag, chunks r and
+  2cp-1-r, as `cp_utils.slice_with_cp`; global `cu_seqlens`), for a model whose attention takes
+  THD under CP (`tests.harness.megatron.use_thd_cp_attention`).
 """
 
 from __future__ import annotations
@@ -221,44 +225,97 @@ class StandinActor:
                 seq_length=self.row_length, micro_batch_size=1, forward_only=False)
 
     def _forward_step(self, num_microbatches, step_gbs, data_iterator, model):
+        """slime's `get_batch`: per sample its stream targets and loss mask (position p predicts
+        token p + 1), each sample sliced zigzag per CP rank (`slice_with_cp`), concatenated into
+        one row padded to `row_length / cp`. CP 1: a block-causal mask; CP > 1: the THD format
+        (global `cu_seqlens`), as slime feeds transformer-engine."""
+        from megatron.core import parallel_state as ps
+
         from tests.harness.megatron import packed_causal_attention_mask
 
         keys = ["tokens", "total_lengths", "response_lengths", "loss_masks", "rollout_mask_sums",
                 "sample_indices"]
         batch = data_iterator.get_next(keys)
-        lengths = [t.numel() for t in batch["tokens"]]
-        used = sum(lengths)
-        assert used <= self.row_length, f"micro-batch of {used} tokens > row {self.row_length}"
+        used = sum(t.numel() for t in batch["tokens"])
         self.seen.append({"sample_indices": list(batch["sample_indices"]), "tokens": used})
-        pad = self.row_length - used
-        tokens = torch.cat(batch["tokens"] + [torch.zeros(pad, dtype=torch.long)])[None]
-        segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]
-                            + [torch.full((pad,), len(lengths))])[None]
-        positions = torch.cat([torch.arange(n) for n in lengths + [pad]])[None]
-        out = model(tokens, positions, packed_causal_attention_mask(segment))
-        return out, partial(self._loss, batch, lengths, tokens, num_microbatches, step_gbs)
+        cp, cp_rank = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+        streams = [slime_stream(t, int(r), m) for t, r, m in zip(
+            batch["tokens"], batch["response_lengths"], batch["loss_masks"])]
+        local = [[slice_with_cp(x, cp, cp_rank) for x in stream] for stream in streams]
+        lengths = [piece[0].numel() for piece in local]
+        pad = self.row_length // cp - sum(lengths)
+        assert pad >= 0, f"micro-batch of {sum(lengths)} tokens per CP rank > row {self.row_length}"
 
-    def _loss(self, batch, lengths, tokens, num_microbatches, step_gbs, logits):
+        def row(field: int, dtype) -> torch.Tensor:  # [1, row_length / cp]
+            return torch.cat([piece[field] for piece in local]
+                             + [torch.zeros(pad, dtype=dtype)])[None]
+
+        tokens, targets, masks = row(0, torch.long), row(1, torch.long), row(2, torch.float)
+        if cp > 1:
+            out = model(tokens, None, None, packed_seq_params=thd_params(lengths + [pad], cp))
+        else:
+            segment = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]
+                                + [torch.full((pad,), len(lengths))])[None]
+            positions = torch.cat([torch.arange(n) for n in lengths + [pad]])[None]
+            out = model(tokens, positions, packed_causal_attention_mask(segment))
+        return out, partial(self._loss, batch, lengths, targets, masks, num_microbatches,
+                            step_gbs)
+
+    def _loss(self, batch, lengths, targets, masks, num_microbatches, step_gbs, logits):
+        """slime's sft loss: the masked NLL sum per sample (per-token), or each sample's over its
+        `rollout_mask_sums` (per-sample mean); scaled as slime's `loss_function` scales it."""
         from megatron.core import parallel_state as ps
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        targets = torch.roll(tokens, -1, dims=1)  # position p predicts token p + 1
         nll = vocab_parallel_cross_entropy(logits.transpose(0, 1).float().contiguous(),
                                            targets.transpose(0, 1).contiguous())[:, 0]
+        per_sample = (nll * masks[0])[:sum(lengths)].split(lengths)
         per_token = self.args.calculate_per_token_loss
-        loss, start = 0.0, 0
-        for i, n in enumerate(lengths):
-            resp = int(batch["response_lengths"][i])
-            mask = batch["loss_masks"][i].float()
-            # response token k sits at start + n - resp + k and is predicted one position before
-            part = nll[start + n - resp - 1:start + n - 1]
-            value = (part * mask).sum()
+        loss = 0.0
+        for i, part in enumerate(per_sample):
+            value = part.sum()
             if not per_token:
                 value = value / torch.clamp_min(batch["rollout_mask_sums"][i], 1)
             loss = loss + value
-            start += n
         num_tokens = sum(torch.clamp_min(m.sum(), 1) for m in batch["loss_masks"])
         if not per_token:
-            loss = loss * num_microbatches / step_gbs * ps.get_data_parallel_world_size()
+            loss = (loss * num_microbatches / step_gbs
+                    * ps.get_data_parallel_world_size(with_context_parallel=True))
             return loss, torch.tensor(1), {"loss": loss.detach()}
+        # every CP rank counts the micro-batch's tokens: x cp cancels megatron's sum over DP x CP
+        loss = loss * ps.get_context_parallel_world_size()
         return loss, num_tokens.to(torch.int), {"loss": loss.detach()}
+
+
+def slime_stream(tokens, response_length: int, loss_mask):
+    """(tokens, targets, loss mask) of one sample in slime's token-stream positions: position p
+    predicts token p + 1; the response mask sits at positions prompt-1 .. total-2 (slime's
+    `F.pad(loss_mask, (prompt_length - 1, 1))`)."""
+    prompt = tokens.numel() - response_length
+    targets = torch.cat([tokens[1:], tokens.new_zeros(1)])
+    mask = torch.nn.functional.pad(loss_mask.float(), (prompt - 1, 1))
+    return tokens, targets, mask
+
+
+def slice_with_cp(x, cp_size: int, cp_rank: int):
+    """slime's `slice_with_cp`: pad to 2cp equal chunks (zeros), keep chunks r and 2cp-1-r."""
+    if cp_size == 1:
+        return x
+    chunk = -(-x.numel() // (2 * cp_size))
+    x = torch.nn.functional.pad(x, (0, 2 * cp_size * chunk - x.numel()))
+    first, second = cp_rank * chunk, (2 * cp_size - 1 - cp_rank) * chunk
+    return torch.cat([x[first:first + chunk], x[second:second + chunk]])
+
+
+def thd_params(local_lengths: list, cp_size: int):
+    """slime's PackedSeqParams: THD, `cu_seqlens` of the local pieces x cp (global lengths)."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    bounds = [0]
+    for n in local_lengths:
+        if n:
+            bounds.append(bounds[-1] + n)
+    cu = torch.tensor(bounds, dtype=torch.int) * cp_size
+    longest = int((cu[1:] - cu[:-1]).max())
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)

@@ -6,9 +6,9 @@ from q_tuning import QTuningConfig, QTuningPruner, RunShape
 from tests.harness.fixtures import MODEL, global_batch, kept_token_nll
 from tests.harness import slime_standin as SL
 from tests.harness.megatron import (build_tiny_gpt, destroy_parallel, full_state_dict,
-                                    init_parallel)
+                                    init_parallel, use_thd_cp_attention)
 
-ROW = 64  # the stand-in's packed row (>= --max-tokens-per-gpu of the tests)
+ROW = 64  # the stand-in's packed row per CP rank (>= --max-tokens-per-gpu of the tests)
 
 
 def slime_data(n: int = 16, seed: int = 3) -> dict:
@@ -42,25 +42,29 @@ def _ddp(chunks, per_token: bool):
     return wrapped
 
 
-def actor_worker(rank, world_size, tp, pp, argv: list, data: dict, use_set_model: bool = False):
+def actor_worker(rank, world_size, tp, pp, cp, argv: list, data: dict,
+                 use_set_model: bool = False):
     """One rollout through the stand-in actor with slime's flags `argv` (the hook route when they
-    name it). Returns the schedule, the samples trained and forwarded, grads and the decision."""
+    name it). Returns the schedule, the samples trained and forwarded, grads and the decision.
+    Under CP the model's attention takes THD rows, as transformer-engine's does in slime."""
     from megatron.core import parallel_state as ps
 
     import q_tuning.slime as qs
     from q_tuning.slime import hook
 
-    init_parallel(tp=tp, pp=pp)
+    init_parallel(tp=tp, pp=pp, cp=cp)
     try:
         args = SL.parse_args(argv=argv)
-        chunks = _ddp(build_tiny_gpt(**MODEL), args.calculate_per_token_loss)
+        model = (use_thd_cp_attention(build_tiny_gpt(**MODEL, thd_attention=True)) if cp > 1
+                 else build_tiny_gpt(**MODEL))
+        chunks = _ddp(model, args.calculate_per_token_loss)
         dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        rollout = SL.split_rollout(data, args, dp_size, dp_rank)
+        rollout = SL.split_rollout(data, args, dp_size, dp_rank, cp_size=cp)
         before = {"sample_indices": list(rollout["sample_indices"]),
                   "num_microbatches": list(rollout["num_microbatches"])}
         schedule_lists = [rollout[k] for k in ("micro_batch_indices", "num_microbatches",
                                                "global_batch_sizes")]
-        actor = SL.StandinActor(args, chunks, ROW)
+        actor = SL.StandinActor(args, chunks, ROW * cp)
         qs.set_model(chunks if use_set_model else None)
         actor.train_actor(0, rollout)
         state = next(iter(hook._STATES.values()), None)
@@ -70,7 +74,8 @@ def actor_worker(rank, world_size, tp, pp, argv: list, data: dict, use_set_model
             decision = {"keep": d.selection.keep.tolist(), "ppl": d.sample_ppl.tolist(),
                         "quadrant": d.selection.quadrant.tolist()}
         return {
-            "dp_rank": dp_rank, "before": before, "decision": decision,
+            "dp_rank": dp_rank, "cp_rank": ps.get_context_parallel_rank(), "before": before,
+            "decision": decision,
             "summary": getattr(state, "last_summary", None),
             "same_lists": all(rollout[k] is lst for k, lst in zip(
                 ("micro_batch_indices", "num_microbatches", "global_batch_sizes"),
