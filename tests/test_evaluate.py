@@ -120,7 +120,7 @@ def slow_greedy(model, prompt: list[int], max_new: int, eos: list[int]) -> list[
 
 def test_batched_cached_greedy_equals_the_slow_reference(tiny):
     _, _, model, tokenizer = tiny
-    prompts = [E._prompt_ids(tokenizer, r["prompt"]) for r in ROWS]
+    prompts = [E.prompt_ids(tokenizer, r["prompt"]) for r in ROWS]
     assert len({len(p) for p in prompts}) > 2
     got = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=12, batch_size=3)
     eos = E._end_of_turn_ids(tokenizer)
@@ -137,7 +137,7 @@ def test_rows_leaving_the_batch_early_do_not_change_the_others(tiny, monkeypatch
     """Make one row end early (its third greedy token declared end of turn): the rows that
     finish early leave the batch and the KV cache, and every row still equals its reference."""
     _, _, model, tokenizer = tiny
-    prompts = [E._prompt_ids(tokenizer, r["prompt"]) for r in ROWS]
+    prompts = [E.prompt_ids(tokenizer, r["prompt"]) for r in ROWS]
     with torch.inference_mode():
         free = [slow_greedy(model, p, 12, []) for p in prompts]
     stop = free[0][2]
@@ -160,7 +160,7 @@ def test_generation_prompt_is_the_trainers_context(tiny):
             {"role": "user", "content": row["prompt"]},
             {"role": "assistant", "content": row["response"]}])
         first = int(mask.nonzero()[0])
-        assert E._prompt_ids(tokenizer, row["prompt"]) == tokens[:first].tolist()
+        assert E.prompt_ids(tokenizer, row["prompt"]) == tokens[:first].tolist()
         assert tokenizer.decode(tokens[:first]).endswith("<|im_start|>assistant\n")
         assert tokenizer.decode(tokens[mask.bool()]) == row["response"] + "<|im_end|>"
 
@@ -183,6 +183,38 @@ def test_nll_equals_a_naive_reference(tiny):
                        if mask[t] and any(c.isdigit() for c in tokenizer.decode([tokens[t]]))]
             assert number_count == len(numbers) > 0
             assert number_sum == pytest.approx(sum(numbers), rel=1e-4)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 5])
+def test_shared_prefill_path_gives_the_two_pass_outputs(tiny, batch_size):
+    """`generate_with_nll` (one prompt forward per row, shared by generation and the NLL) against
+    the two separate passes it replaces (`greedy_generate`, then `reference_nll`): the same
+    generated tokens, and the same NLL up to float32 summation order."""
+    _, _, model, tokenizer = tiny
+    rows = ROWS + [dict(ROWS[0], prompt="Short?", response="A much longer reference answer, "
+                        "with several clauses, so that responses need right padding.\n#### 3")]
+    prompts = [E.prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    old_generated = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=12,
+                                      batch_size=batch_size)
+    old_nll = E.reference_nll(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
+    generated, nll, seconds = E.generate_with_nll(model, tokenizer, rows, max_new_tokens=12,
+                                                  batch_size=batch_size)
+    assert generated == old_generated and seconds >= 0
+    for new, old in zip(nll, old_nll):
+        assert (new.count, new.number_count) == (old.count, old.number_count)
+        assert new.sum == pytest.approx(old.sum, rel=1e-5)
+        assert new.number_sum == pytest.approx(old.number_sum, rel=1e-5, abs=1e-6)
+
+
+def test_a_row_whose_prompt_is_not_a_prefix_falls_back_to_the_two_pass_nll(tiny, monkeypatch):
+    _, _, model, tokenizer = tiny
+    real = E.prompt_ids
+    monkeypatch.setattr(E, "prompt_ids", lambda tok, prompt: real(tok, prompt)[1:]
+                        if prompt == ROWS[1]["prompt"] else real(tok, prompt))
+    _, nll, _ = E.generate_with_nll(model, tokenizer, ROWS, max_new_tokens=4, batch_size=2)
+    old = E.reference_nll(model, tokenizer, ROWS, batch_size=1)
+    for new, ref in zip(nll, old):
+        assert new.count == ref.count and new.sum == pytest.approx(ref.sum, rel=1e-5)
 
 
 def test_cli_writes_the_result(tiny, tmp_path, capsys):

@@ -116,6 +116,38 @@ def micro_batches_to_samples(micro_batches: Sequence[dict]) -> dict[str, list[to
     return out
 
 
+def trim_to_targets(samples: dict[str, list]) -> dict[str, list]:
+    """The samples as the scoring pass needs them: `tokens` and `loss_masks` cut after the last
+    target (attention is causal, so what follows it changes no target's statistic: a plain row's
+    padding up to --seq-length is not scored), the full tokens kept in `row_tokens` for
+    `untrim`. Every rank of a TP x PP group trims its identical samples identically."""
+    ends = [_target_end(m) for m in samples["loss_masks"]]
+    return {**samples, "row_tokens": list(samples["tokens"]),
+            "tokens": [t[:e] for t, e in zip(samples["tokens"], ends)],
+            "loss_masks": [m[:e] for m, e in zip(samples["loss_masks"], ends)]}
+
+
+def _target_end(mask: torch.Tensor) -> int:
+    """One past the last target (at least 2 tokens: a sample needs a target position)."""
+    nonzero = mask.nonzero()
+    return max(2, int(nonzero[-1]) + 1) if nonzero.numel() else min(2, mask.numel())
+
+
+def untrim(kept: dict[str, list]) -> dict[str, list]:
+    """Undo `trim_to_targets` on the kept samples: full tokens, loss masks (token-pruned) padded
+    with zeros to them."""
+    out = {k: v for k, v in kept.items() if k != "row_tokens"}
+    out["tokens"] = list(kept["row_tokens"])
+    out["loss_masks"] = padded_masks(kept["loss_masks"], kept["row_tokens"])
+    return out
+
+
+def padded_masks(masks: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor]
+                 ) -> list[torch.Tensor]:
+    """Each (trimmed) mask padded with zeros to its sample's full length."""
+    return [torch.cat([m, m.new_zeros(t.numel() - m.numel())]) for m, t in zip(masks, tokens)]
+
+
 def plan_rows(lengths: Sequence[int], *, seq_length: int, packed: bool) -> list[list[int]]:
     """Sample indices per row. Plain: one sample per row. Packed: first-fit in sample order under
     `seq_length` tokens per row (`lengths` are segment lengths L, i.e. sample tokens - 1)."""

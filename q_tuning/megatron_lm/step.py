@@ -20,9 +20,11 @@ training call:
    the pruner needs the same batch on every rank of a DP replica. Micro-batches it cannot read
    stop the run on every rank with the reason;
 4. prunes with `QTuningPruner` (forward-only scoring through megatron-core's schedule, global
-   selection over DP, Q2 token masks, DP rebalance). A sample is a row's `s` inputs plus its last
-   label (`s + 1` tokens, batches.py); the scoring forward gives that last token position `s`,
-   whose output predicts nothing. With learned absolute position embeddings shorter than `s + 1`
+   selection over DP, Q2 token masks, DP rebalance), each sample cut after its last target for
+   scoring (`trim_to_targets`: a plain row's padding is never scored) and restored after.
+   A sample is a row's `s` inputs plus its last label (`s + 1` tokens, batches.py); when the
+   last position trains, the scoring forward gives that last token position `s`, whose output
+   predicts nothing. With learned absolute position embeddings shorter than `s + 1`
    (`--max-position-embeddings` = `--seq-length`, Megatron-LM's default GPT setting) that
    position's id is clamped to the last row of the table for the scoring forward only
    (`scoring_positions_clamped`): causal attention keeps it out of every other position, so the
@@ -61,8 +63,8 @@ import torch
 
 from q_tuning.config import QTuningConfig, RunShape
 from q_tuning.megatron_lm.batches import (UnsupportedBatch, micro_batches_to_samples,
-                                          num_micro_batches, plan_rows, row_format,
-                                          samples_to_rows)
+                                          num_micro_batches, padded_masks, plan_rows, row_format,
+                                          samples_to_rows, trim_to_targets, untrim)
 from q_tuning.parallel import comm
 from q_tuning.pruner import QTuningPruner
 
@@ -126,9 +128,11 @@ class QTuningStep:
         mine = next((d for d in drained if d is not None), None)
         fmt, samples, packed, fields = _read_and_share(mine, args, f"Q-Tuning step {step}: ")
         _check_model_per_token_loss(chunks)
+        scored = trim_to_targets(samples if samples is not None else fields)
         with scoring_positions_clamped(chunks, args, step):
-            kept, _report = self._pruner(args).prune(
-                chunks, samples if samples is not None else fields, step=step)
+            kept, _report = self._pruner(args).prune(chunks, scored, step=step)
+        kept, decision = untrim(kept), self.pruner.last_decision
+        decision.local_loss_masks = padded_masks(decision.local_loss_masks, scored["row_tokens"])
         rows = plan_rows([t.numel() - 1 for t in kept["tokens"]], seq_length=args.seq_length,
                          packed=packed)
         count = _micro_batch_count(len(rows), args.micro_batch_size, chunks)

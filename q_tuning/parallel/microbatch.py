@@ -25,18 +25,28 @@ from typing import Sequence
 import torch
 
 
+# Length bucketing (`bucket_rows`): what one more micro-batch costs, in padded tokens. On the
+# 2-core CPU of docs/benchmarks.md a token of SmolLM2-135M costs ~16 ms forward-backward and a
+# micro-batch's fixed part (reading the weights, the schedule's Python) ~0.1-0.2 s, i.e. ~10
+# tokens; 64 stays on the safe side of that and leaves small samples grouped as before.
+MICRO_BATCH_OVERHEAD_TOKENS = 64
+
+
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
     """Which samples go in which row, and which rows form a micro-batch."""
 
     rows: list[list[int]]  # sample indices per row, in order
-    rows_per_micro_batch: int
+    rows_per_micro_batch: int  # the most rows of one micro-batch
     seq_length: int  # the longest row, rounded up to `length_multiple`
     length_multiple: int = 1
     # False: every micro-batch is padded only to its own longest row. Allowed without pipeline
     # parallelism, where no p2p buffer fixes the shape; with rows grouped by length it removes
     # most padding.
     uniform_length: bool = True
+    # Rows per micro-batch, in order, when they differ (length buckets, `bucket_rows`); None:
+    # `rows_per_micro_batch` each (the last one may be short).
+    bucket_sizes: tuple[int, ...] | None = None
 
     def micro_batch_length(self, rows: list[list[int]], lengths: Sequence[int]) -> int:
         if self.uniform_length:
@@ -44,13 +54,37 @@ class RowLayout:
         longest = max((sum(lengths[i] for i in row) for row in rows), default=1)
         return round_up(max(longest, 1), self.length_multiple)
 
+    def micro_batch_rows(self) -> list[list[list[int]]]:
+        """The rows of each micro-batch, in order."""
+        sizes = self.bucket_sizes or [self.rows_per_micro_batch] * self.num_micro_batches
+        out, start = [], 0
+        for size in sizes:
+            out.append(self.rows[start:start + size])
+            start += size
+        return out
+
     @property
     def num_micro_batches(self) -> int:
+        if self.bucket_sizes is not None:
+            return len(self.bucket_sizes)
         return math.ceil(len(self.rows) / self.rows_per_micro_batch) if self.rows else 0
 
     @property
     def packed(self) -> bool:
         return any(len(r) > 1 for r in self.rows)
+
+    def padded_tokens(self, lengths: Sequence[int], num_micro_batches: int | None = None) -> int:
+        """Token positions the micro-batches of this layout hold (`build_micro_batches`'s
+        shapes; extra all-padding micro-batches up to `num_micro_batches` included)."""
+        groups = self.micro_batch_rows()
+        total = sum(self.rows_in(g) * self.micro_batch_length(g, lengths) for g in groups)
+        extra = (num_micro_batches or len(groups)) - len(groups)
+        return total + extra * self.rows_in([]) * self.micro_batch_length([], lengths)
+
+    def rows_in(self, group: list[list[int]]) -> int:
+        """Rows of the built micro-batch holding `group`: `rows_per_micro_batch` unless bucketed
+        (then its own; an all-padding filler has one)."""
+        return self.rows_per_micro_batch if self.bucket_sizes is None else max(len(group), 1)
 
 
 def round_up(value: int, multiple: int) -> int:
@@ -74,6 +108,27 @@ def first_fit(lengths: Sequence[int], budget: int) -> list[list[int]]:
     return bins
 
 
+def bucket_rows(lengths: Sequence[int], max_rows: int,
+                overhead_tokens: int = MICRO_BATCH_OVERHEAD_TOKENS) -> list[int]:
+    """Sizes of consecutive micro-batches over rows sorted longest first (`lengths` descending):
+    at most `max_rows` each, chosen to minimise the padded tokens (`rows x first row's length`)
+    plus `overhead_tokens` per micro-batch. Exact (dynamic programming over the split points,
+    O(n max_rows)); ties go to fewer, fuller micro-batches first."""
+    n = len(lengths)
+    best = [0] + [math.inf] * n  # best[j]: cost of the first j rows
+    size = [0] * (n + 1)
+    for j in range(1, n + 1):
+        for k in range(1, min(max_rows, j) + 1):  # the last micro-batch holds rows j-k .. j-1
+            cost = best[j - k] + k * lengths[j - k] + overhead_tokens
+            if cost < best[j] or (cost == best[j] and k > size[j]):
+                best[j], size[j] = cost, k
+    sizes, j = [], n
+    while j:
+        sizes.append(size[j])
+        j -= size[j]
+    return sizes[::-1]
+
+
 def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None,
               max_tokens_per_row: int | None = None, seq_length: int | None = None,
               length_multiple: int = 1, uniform_length: bool = True) -> RowLayout:
@@ -81,8 +136,9 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
 
     `seq_length` (the row length every micro-batch is padded to, a megatron p2p shape) defaults to
     the longest row, rounded up to `length_multiple` (2*cp, and tp with sequence parallelism).
-    With `uniform_length=False` (no pipeline parallelism) rows are grouped by length, longest
-    first, and each micro-batch is padded to its own longest row.
+    With `uniform_length=False` (no pipeline parallelism) rows are sorted by length, longest
+    first, cut into length buckets of at most `rows_per_micro_batch` rows (`bucket_rows`), and
+    each micro-batch is padded to its own longest row.
     """
     if max_tokens_per_row is not None:
         for i, n in enumerate(lengths):
@@ -106,8 +162,13 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
         raise ValueError(f"sequence length {seq_length} must be a multiple of {length_multiple} "
                          "(2 x context-parallel size, x tensor-parallel size with sequence "
                          "parallelism)")
+    buckets = None
+    if not uniform_length and rows_per_micro_batch > 1:
+        buckets = tuple(bucket_rows([sum(lengths[i] for i in row) for row in rows],
+                                    rows_per_micro_batch))
     return RowLayout(rows=rows, rows_per_micro_batch=rows_per_micro_batch, seq_length=seq_length,
-                     length_multiple=length_multiple, uniform_length=uniform_length)
+                     length_multiple=length_multiple, uniform_length=uniform_length,
+                     bucket_sizes=buckets)
 
 
 def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor],
@@ -126,39 +187,42 @@ def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[tor
     count = layout.num_micro_batches if num_micro_batches is None else num_micro_batches
     if count < layout.num_micro_batches:
         raise ValueError(f"{layout.num_micro_batches} micro-batches needed, {count} requested")
-    b = layout.rows_per_micro_batch
     lengths = [t.numel() for t in tokens]
-    out = []
-    for m in range(count):
-        rows = layout.rows[m * b:(m + 1) * b]
-        s = layout.micro_batch_length(rows, lengths)
-        mb = {k: torch.zeros(b, s, dtype=torch.long) for k in ("tokens", "labels", "position_ids")}
-        mb["sample_index"] = torch.full((b, s), -1, dtype=torch.long)
-        mb["target_index"] = torch.full((b, s), -1, dtype=torch.long)
-        mb["loss_mask"] = torch.zeros(b, s, dtype=torch.float32)
-        segment = torch.full((b, s), -1, dtype=torch.long)
-        for r, row in enumerate(rows):
-            start = 0
-            for i in row:
-                tok, mask = tokens[i], loss_masks[i]
-                n = tok.numel()
-                end = start + n
-                mb["tokens"][r, start:end] = tok
-                mb["position_ids"][r, start:end] = torch.arange(n)
-                segment[r, start:end] = i
-                # position p predicts token p + 1 of the same sample
-                mb["labels"][r, start:end - 1] = tok[1:]
-                mb["loss_mask"][r, start:end - 1] = mask[1:].to(torch.float32)
-                mb["sample_index"][r, start:end - 1] = i
-                mb["target_index"][r, start:end - 1] = torch.arange(1, n)
-                start = end
-        mb["attention_mask"] = None
-        if layout.packed and thd:  # one row per micro-batch (plan_rows): its segments
-            mb["cu_seqlens"] = row_cu_seqlens([lengths[i] for i in rows[0]] if rows else [], s)
-        elif layout.packed:
-            mb["attention_mask"] = block_causal_mask(segment)
-        out.append(mb)
-    return out
+    groups = layout.micro_batch_rows()
+    groups += [[] for _ in range(count - len(groups))]
+    return [_micro_batch(tokens, loss_masks, layout, rows, lengths, thd) for rows in groups]
+
+
+def _micro_batch(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor],
+                 layout: RowLayout, rows: list[list[int]], lengths: list[int],
+                 thd: bool) -> dict[str, torch.Tensor | None]:
+    """One micro-batch of `build_micro_batches` holding `rows`."""
+    b, s = layout.rows_in(rows), layout.micro_batch_length(rows, lengths)
+    mb = {k: torch.zeros(b, s, dtype=torch.long) for k in ("tokens", "labels", "position_ids")}
+    mb["sample_index"] = torch.full((b, s), -1, dtype=torch.long)
+    mb["target_index"] = torch.full((b, s), -1, dtype=torch.long)
+    mb["loss_mask"] = torch.zeros(b, s, dtype=torch.float32)
+    segment = torch.full((b, s), -1, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            tok, n = tokens[i], lengths[i]
+            end = start + n
+            mb["tokens"][r, start:end] = tok
+            mb["position_ids"][r, start:end] = torch.arange(n)
+            segment[r, start:end] = i
+            # position p predicts token p + 1 of the same sample
+            mb["labels"][r, start:end - 1] = tok[1:]
+            mb["loss_mask"][r, start:end - 1] = loss_masks[i][1:].to(torch.float32)
+            mb["sample_index"][r, start:end - 1] = i
+            mb["target_index"][r, start:end - 1] = torch.arange(1, n)
+            start = end
+    mb["attention_mask"] = None
+    if layout.packed and thd:  # one row per micro-batch (plan_rows): its segments
+        mb["cu_seqlens"] = row_cu_seqlens([lengths[i] for i in rows[0]] if rows else [], s)
+    elif layout.packed:
+        mb["attention_mask"] = block_causal_mask(segment)
+    return mb
 
 
 def row_cu_seqlens(segment_lengths: Sequence[int], row_length: int) -> torch.Tensor:

@@ -124,7 +124,7 @@ def eval_mode(chunks: Sequence[torch.nn.Module]):
 # --- the fused path: hidden states out of the output layer ----------------------------------------
 
 @dataclasses.dataclass
-class _OutputHead:
+class OutputHead:
     """What the output layer would have multiplied the hidden states with."""
 
     weight: torch.Tensor  # [V/tp, h]
@@ -139,7 +139,7 @@ class _HiddenStatesTap:
 
     def __init__(self, layer: torch.nn.Module):
         self.layer = layer
-        self.head: _OutputHead | None = None
+        self.head: OutputHead | None = None
 
     def __enter__(self) -> "_HiddenStatesTap":
         self._shadowed = self.layer.__dict__.get("forward")  # an instance-level forward, if any
@@ -160,7 +160,7 @@ class _HiddenStatesTap:
         bias = None if layer.skip_bias_add else layer.bias  # GPTModel drops a skipped bias too
         if layer.sequence_parallel:  # [s/tp, b, h] -> [s, b, h], as the layer would gather it
             input_ = gather_from_sequence_parallel_region(input_, group=layer.tp_group)
-        self.head = _OutputHead(weight=weight, bias=bias)
+        self.head = OutputHead(weight=weight, bias=bias)
         return input_, None
 
 
@@ -218,7 +218,7 @@ def _rank(group) -> int:
 # --- per micro-batch ------------------------------------------------------------------------------
 
 @dataclasses.dataclass
-class _ScoringRun:
+class ScoringRun:
     """State shared by the forward steps and statistics of one `score_samples` call."""
 
     groups: ParallelGroups
@@ -227,7 +227,7 @@ class _ScoringRun:
     peak_bytes: int = 0  # largest statistics-step footprint (see TokenScores.peak_memory_bytes)
 
 
-def _scoring_forward_step(run: _ScoringRun, data_iterator: Iterator[dict],
+def _scoring_forward_step(run: ScoringRun, data_iterator: Iterator[dict],
                           model: torch.nn.Module):
     mb = next(data_iterator)
     device = next(model.parameters()).device
@@ -235,19 +235,19 @@ def _scoring_forward_step(run: _ScoringRun, data_iterator: Iterator[dict],
     inputs, kwargs = model_inputs(mb)
     inner = _unwrap(model)
     if run.method != "fused" or not getattr(inner, "post_process", True):
-        return model(*inputs, **kwargs), partial(_token_statistics, run, mb, None)
+        return model(*inputs, **kwargs), partial(token_statistics, run, mb, None)
     reason = _fused_unsupported(inner)
     if reason is not None:
         _fall_back(reason, run.groups)
-        return model(*inputs, **kwargs), partial(_token_statistics, run, mb, None)
+        return model(*inputs, **kwargs), partial(token_statistics, run, mb, None)
     with _HiddenStatesTap(inner.output_layer) as tap:
         output = model(*inputs, **kwargs)  # [b, s, h] hidden states if the tap ran, else logits
     if tap.head is None:
         _fall_back(f"{type(inner).__name__}.forward did not call its output_layer", run.groups)
-    return output, partial(_token_statistics, run, mb, tap.head)
+    return output, partial(token_statistics, run, mb, tap.head)
 
 
-def _token_statistics(run: _ScoringRun, mb: dict, head: _OutputHead | None,
+def token_statistics(run: ScoringRun, mb: dict, head: OutputHead | None,
                       output: torch.Tensor, non_loss_data: bool = True):
     """Statistics of the loss-mask positions only: prompt positions never enter the softmax (nor,
     on the fused path, the output layer). `output` is `[b, s, h]` hidden states with `head`, else
@@ -343,8 +343,11 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
             pp_size=groups.pp_size, count_multiple=count_multiple, method=method)
     thd = takes_packed_seq_params(model_chunks[0])
     check_thd_context_parallel(thd, groups.cp_size, max_tokens_per_row)
+    # Without pipeline parallelism no p2p buffer fixes the shape: rows sorted by length, cut into
+    # length buckets, each micro-batch padded to its own longest row (as the training step).
     layout = plan_rows([t.numel() for t in tokens], rows_per_micro_batch=rows_per_micro_batch,
-                       max_tokens_per_row=max_tokens_per_row, length_multiple=multiple)
+                       max_tokens_per_row=max_tokens_per_row, length_multiple=multiple,
+                       uniform_length=groups.pp_size > 1)
     count = layout.num_micro_batches
     if count:
         count = round_up(count, count_multiple)
@@ -353,7 +356,7 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
                                                    num_micro_batches=count, thd=thd)]
     length = max((t.numel() for t in tokens), default=0)
     scores = torch.zeros(2, len(tokens), length, dtype=torch.float32)  # (nll|entropy, n, L)
-    run = _ScoringRun(groups=groups, method=method)
+    run = ScoringRun(groups=groups, method=method)
     device = next(model_chunks[0].parameters()).device
     cuda = device.type == "cuda"
     if cuda:  # the process-wide peak counter is read, never reset (Megatron and users report it)
@@ -378,11 +381,14 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
     peak = torch.cuda.max_memory_allocated(device) - start_bytes if measured else run.peak_bytes
     comm.sum_over_context_parallel(scores, groups.cp)
     comm.broadcast_from_last_stage(scores, groups.pp)
-    # Only the output stage knows whether it fell back and what its statistics held.
-    logits_used = comm.max_over_group(int(method == "logits" or "logits" in run.used), groups.pp)
+    # Only the output stage knows whether it fell back and what its statistics held: one
+    # all-reduce (MAX over the stages) for both.
+    logits_used, peak = comm.all_reduce_max_(torch.tensor(
+        [int(method == "logits" or "logits" in run.used), int(peak)], dtype=torch.long,
+        device=device), groups.pp).tolist()  # the model's device: CUDA under NCCL, CPU under gloo
     return TokenScores(nll=scores[0], entropy=scores[1],
                        target_mask=target_masks(loss_masks, length),
                        method="logits" if logits_used else "fused",
-                       peak_memory_bytes=comm.max_over_group(int(peak), groups.pp),
+                       peak_memory_bytes=peak,
                        peak_memory_measured=measured,
                        rows_per_micro_batch=layout.rows_per_micro_batch)

@@ -11,6 +11,8 @@ reference-solution NLL of an HF checkpoint (the trainer's `--export-hf`, or a GG
   first `####` line (with a number) is complete; at most `--max-new-tokens` (default 256).
 - NLL: teacher-forced, over exactly the tokens the trainer trains on
   (`q_tuning.train.data.tokenize_conversation`); token-weighted corpus mean and mean per sample.
+  Both share one prompt forward per row (`generate_with_nll`): the reference response runs on the
+  prompt's KV cache before decoding starts from it.
 
 Rows are `q_tuning.train.gsm_symbolic` rows (`prompt`, `response`, `answer`). Bad input ends with
 one `q-tuning-eval: error: ...` line naming the file and line, exit status 2; the output JSON is
@@ -20,10 +22,7 @@ written whole (temporary file, then renamed) or not at all.
 from __future__ import annotations
 
 import argparse
-import decimal
 import json
-import pathlib
-import re
 import sys
 import time
 from typing import Any, NamedTuple, Optional, Sequence
@@ -32,41 +31,12 @@ import torch
 
 from q_tuning._files import write_text_atomic
 from q_tuning.config import positive_int
+from q_tuning.train.eval_rows import (EvalError, answer_complete, extract_answer,
+                                      normalize_number, read_rows)
 
-__all__ = ["answer_complete", "evaluate", "extract_answer", "finished", "greedy_generate", "main",
-           "normalize_number", "read_rows", "reference_nll", "RowNll", "digit_tokens"]
-
-_FINAL = re.compile(r"####\s*([^\n]*)")
-_NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
-_COMPLETE = re.compile(r"####[^\n]*\d[^\n]*\n")
-
-
-class EvalError(ValueError):
-    """Bad input; the message names the flag, file or line."""
-
-
-def normalize_number(text: str) -> Optional[decimal.Decimal]:
-    """The first number in `text` ("$1,234.50" -> 1234.50), or None."""
-    match = _NUMBER.search(text.replace("$", ""))
-    if match is None:
-        return None
-    try:
-        return decimal.Decimal(match.group(0).replace(",", "").replace("+", ""))
-    except decimal.InvalidOperation:
-        return None
-
-
-def extract_answer(generated: str) -> Optional[decimal.Decimal]:
-    """The number after the last `####` of a generated solution, or None."""
-    finals = _FINAL.findall(generated)
-    return normalize_number(finals[-1]) if finals else None
-
-
-def answer_complete(text: str) -> bool:
-    """True once `text` holds a `####` line with a digit, ended by a newline: the answer line is
-    written (a number still being written, "#### 12", is not cut at "1"). Generation stops
-    there, so the answer read is that first answer line (small models often repeat it)."""
-    return _COMPLETE.search(text) is not None
+__all__ = ["EvalError", "answer_complete", "evaluate", "extract_answer", "finished",
+           "generate_with_nll", "greedy_generate", "main", "normalize_number", "prompt_ids",
+           "read_rows", "reference_nll", "RowNll", "digit_tokens"]
 
 
 def finished(tokenizer, new: Sequence[int], eos: Sequence[int], max_new_tokens: int) -> bool:
@@ -76,42 +46,8 @@ def finished(tokenizer, new: Sequence[int], eos: Sequence[int], max_new_tokens: 
             or answer_complete(tokenizer.decode(new)))
 
 
-def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
-    """The first `limit` (default all) rows of a JSONL file, each with `_source` = "file:line"
-    added; blank lines are skipped. EvalError names the file and line of a bad row."""
-    p = pathlib.Path(path)
-    if not p.is_file():
-        raise EvalError(f"--data-path {path}: no such file")
-    rows = []
-    with open(p, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise EvalError(f"{path} line {number}: expected a JSON object, "
-                                f"got {type(row).__name__}")
-            missing = [k for k in ("prompt", "response", "answer") if k not in row]
-            if missing:
-                raise EvalError(f"{path} line {number}: missing field(s) {', '.join(missing)}")
-            for key in ("prompt", "response"):
-                if not isinstance(row[key], str):
-                    raise EvalError(f"{path} line {number}: '{key}' must be a string, "
-                                    f"got {type(row[key]).__name__}")
-            if isinstance(row["answer"], bool) or not isinstance(row["answer"], (str, int, float)):
-                raise EvalError(f"{path} line {number}: 'answer' must be a string or a number")
-            rows.append({**row, "_source": f"{path}:{number}"})
-            if limit is not None and len(rows) >= limit:
-                break
-    if not rows:
-        raise EvalError(f"{path}: no rows")
-    return rows
-
-
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of the generation prompt: the chat-templated user turn and assistant header."""
     from q_tuning.train.data import render_chat
 
     text = render_chat(tokenizer, [{"role": "user", "content": prompt}], "<prompt>",
@@ -134,41 +70,148 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
     `finished` says. Left-padded batches sorted by prompt length; a finished row leaves the batch
     and the KV cache at once, so a few rows that never write an answer line do not keep the whole
     batch decoding to the token limit (`generate` would, at about twice the cost here)."""
+    eos = _end_of_turn_ids(tokenizer)
+    out: list[list[int]] = [[] for _ in prompts]
+    for live in _prompt_batches(prompts, batch_size):
+        state = _prefill(model, prompts, live)
+        _decode(model, tokenizer, state, out, eos, max_new_tokens)
+    return out
+
+
+@torch.inference_mode()
+def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int,
+                      batch_size: int) -> tuple[list[list[int]], list["RowNll"], float]:
+    """`greedy_generate` and `reference_nll` of the same rows with one prompt forward per row:
+    (generated ids, NLL per row, seconds spent on the NLL part).
+
+    Each batch's prompt forward is `greedy_generate`'s own (same batches, shapes and order), so
+    the generated tokens are the same. Before decoding, the reference response is run on top of
+    the prompt's KV cache (teacher-forced, right-padded; the first response token is scored from
+    the prompt forward's last logits), then the cache is cropped back to the prompt. A row whose
+    training tokens do not start with its generation prompt, or that has a loss token inside the
+    prompt, is scored by `reference_nll` instead."""
+    prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
+    samples = _training_tokens(tokenizer, rows)
+    is_number, eos = digit_tokens(tokenizer), _end_of_turn_ids(tokenizer)
+    out: list[list[int]] = [[] for _ in rows]
+    nll: list[RowNll | None] = [None] * len(rows)
+    nll_seconds = 0.0
+    for live in _prompt_batches(prompts, batch_size):
+        state = _prefill(model, prompts, live)
+        start = time.perf_counter()
+        shared = [i for i in live if _continues(samples[i], prompts[i])]
+        for i, row_nll in zip(shared, _response_nll(model, state, shared, prompts, samples,
+                                                    is_number)):
+            nll[i] = row_nll
+        nll_seconds += time.perf_counter() - start
+        _decode(model, tokenizer, state, out, eos, max_new_tokens)
+    start = time.perf_counter()
+    rest = [i for i, v in enumerate(nll) if v is None]
+    for i, row_nll in zip(rest, reference_nll(model, tokenizer, [rows[i] for i in rest],
+                                              batch_size=max(1, batch_size // 2))):
+        nll[i] = row_nll
+    return out, nll, nll_seconds + time.perf_counter() - start
+
+
+def _continues(sample: tuple[torch.Tensor, torch.Tensor], prompt: list[int]) -> bool:
+    """The training tokens start with the generation prompt and train on nothing inside it."""
+    tokens, mask = sample
+    n = len(prompt)
+    return tokens.numel() > n and tokens[:n].tolist() == prompt and not bool(mask[1:n].any())
+
+
+def _response_nll(model, state: "_Batch", shared: list[int], prompts, samples,
+                  is_number: torch.Tensor) -> list["RowNll"]:
+    """NLL of the `shared` rows' responses on top of the batch's prompt cache; the cache is
+    cropped back to the prompt afterwards."""
+    width = state.attention.shape[1]
+    if not shared:
+        return []
+    rows = [state.live.index(i) for i in shared]
+    responses = [samples[i][0][len(prompts[i]):] for i in shared]  # [R_i]
+    scored = [samples[i][1][len(prompts[i]):].bool() for i in shared]
+    length = max(r.numel() for r in responses)
+    ids = torch.zeros((len(state.live), length), dtype=torch.long)
+    real = torch.zeros((len(state.live), length), dtype=torch.long)
+    target = torch.zeros((len(state.live), length), dtype=torch.bool)  # response token k scored
+    for row, resp, sc in zip(rows, responses, scored):  # right padding after the prompt
+        ids[row, :resp.numel()], real[row, :resp.numel()], target[row, :resp.numel()] = resp, 1, sc
+    hidden = model.get_decoder()(
+        input_ids=ids, attention_mask=torch.cat([state.attention, real], 1),
+        position_ids=state.positions[:, -1:] + 1 + torch.arange(length),
+        past_key_values=state.cache, use_cache=True).last_hidden_state  # [b, R, h]
+    state.cache.crop(width)
+    head = model.get_output_embeddings()
+    first = torch.nn.functional.cross_entropy(state.logits.float(), ids[:, 0], reduction="none")
+    later = torch.zeros(ids.shape, dtype=torch.float64)
+    later[:, 1:][target[:, 1:]] = torch.nn.functional.cross_entropy(
+        head(hidden[:, :-1][target[:, 1:]]).float(), ids[:, 1:][target[:, 1:]],
+        reduction="none").double()
+    later[:, 0] = first.double()
+    return [_row_nll(later[row][target[row]], is_number[ids[row][target[row]]]) for row in rows]
+
+
+def _row_nll(values: torch.Tensor, digits: torch.Tensor) -> "RowNll":
+    return RowNll(float(values.sum()), values.numel(), float(values[digits].sum()),
+                  int(digits.sum()))
+
+
+def _prompt_batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[int]]:
+    """Prompt indices in batches of `batch_size`, sorted by prompt length."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
+
+
+class _Batch(NamedTuple):
+    """A left-padded batch after its prompt forward: the rows' prompt indices, KV cache, attention
+    mask and position ids `[b, width]`, and the last position's logits `[b, V]`."""
+
+    live: list[int]
+    cache: Any
+    attention: torch.Tensor
+    positions: torch.Tensor
+    logits: torch.Tensor
+
+
+def _prefill(model, prompts: Sequence[list[int]], live: list[int]) -> _Batch:
     from transformers import DynamicCache
 
-    eos = _end_of_turn_ids(tokenizer)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out: list[list[int]] = [[] for _ in prompts]
-    for first in range(0, len(order), batch_size):
-        live = order[first:first + batch_size]
-        width = max(len(prompts[i]) for i in live)
-        ids = torch.zeros((len(live), width), dtype=torch.long)
-        attention = torch.zeros((len(live), width), dtype=torch.long)
-        for row, i in enumerate(live):  # left padding
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention[row, width - len(prompts[i]):] = 1
-        positions = (attention.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
-        while True:
-            logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                           past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-            tokens = logits[:, -1].argmax(-1).tolist()
-            keep = []
-            for row, (i, token) in enumerate(zip(live, tokens)):
-                out[i].append(token)
-                if not finished(tokenizer, out[i], eos, max_new_tokens):
-                    keep.append(row)
-            if not keep:
-                break
-            if len(keep) < len(live):
-                index = torch.tensor(keep)
-                cache.batch_select_indices(index)
-                attention, positions = attention[index], positions[index]
-                live, tokens = [live[r] for r in keep], [tokens[r] for r in keep]
-            ids = torch.tensor(tokens)[:, None]
-            attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
-            positions = positions[:, -1:] + 1
-    return out
+    width = max(len(prompts[i]) for i in live)
+    ids = torch.zeros((len(live), width), dtype=torch.long)
+    attention = torch.zeros((len(live), width), dtype=torch.long)
+    for row, i in enumerate(live):  # left padding
+        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+        attention[row, width - len(prompts[i]):] = 1
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache()
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+    return _Batch(list(live), cache, attention, positions, logits[:, -1])
+
+
+def _decode(model, tokenizer, state: _Batch, out: list[list[int]], eos: Sequence[int],
+            max_new_tokens: int) -> None:
+    """Greedy tokens from a prefilled batch into `out` until every row is `finished`."""
+    live, cache, attention, positions, logits = state
+    while True:
+        tokens = logits.argmax(-1).tolist()
+        keep = []
+        for row, (i, token) in enumerate(zip(live, tokens)):
+            out[i].append(token)
+            if not finished(tokenizer, out[i], eos, max_new_tokens):
+                keep.append(row)
+        if not keep:
+            return
+        if len(keep) < len(live):
+            index = torch.tensor(keep)
+            cache.batch_select_indices(index)
+            attention, positions = attention[index], positions[index]
+            live, tokens = [live[r] for r in keep], [tokens[r] for r in keep]
+        ids = torch.tensor(tokens)[:, None]
+        attention = torch.cat([attention, attention.new_ones((len(live), 1))], dim=1)
+        positions = positions[:, -1:] + 1
+        logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
+                       past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 class RowNll(NamedTuple):
@@ -191,16 +234,8 @@ def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int) ->
     """NLL per row over the trainer's loss tokens of prompt + response. Rows go through in
     length order (little padding) and the output layer runs on the loss positions only: no
     [tokens, vocab] logits for the prompts."""
-    from q_tuning.train.data import tokenize_conversation
-
-    for key in ("final_logit_softcapping", "logit_scale"):
-        if getattr(model.config, key, None):
-            raise EvalError(f"--hf-checkpoint: a model with {key} (logits are not the output "
-                            "layer of the last hidden state) is not supported")
-    samples = [tokenize_conversation(tokenizer, [{"role": "user", "content": r["prompt"]},
-                                                 {"role": "assistant", "content": r["response"]}],
-                                     source=r.get("_source", f"row {i}"))
-               for i, r in enumerate(rows)]
+    _check_plain_output_layer(model)
+    samples = _training_tokens(tokenizer, rows)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     order = sorted(range(len(samples)), key=lambda i: samples[i][0].numel())
     is_number = digit_tokens(tokenizer)
@@ -226,6 +261,23 @@ def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int) ->
             results[i] = RowNll(float(part.sum()), count, float(part[digits].sum()),
                                 int(digits.sum()))
     return results
+
+
+def _check_plain_output_layer(model) -> None:
+    for key in ("final_logit_softcapping", "logit_scale"):
+        if getattr(model.config, key, None):
+            raise EvalError(f"--hf-checkpoint: a model with {key} (logits are not the output "
+                            "layer of the last hidden state) is not supported")
+
+
+def _training_tokens(tokenizer, rows: Sequence[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(tokens, loss mask) of prompt + reference response, exactly as the trainer tokenizes."""
+    from q_tuning.train.data import tokenize_conversation
+
+    return [tokenize_conversation(tokenizer, [{"role": "user", "content": r["prompt"]},
+                                              {"role": "assistant", "content": r["response"]}],
+                                  source=r.get("_source", f"row {i}"))
+            for i, r in enumerate(rows)]
 
 
 def load_model(path: str):
@@ -254,14 +306,12 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
              predictions: Optional[str] = None) -> dict[str, Any]:
     rows = read_rows(data_path, num_samples)
     model, tokenizer = load_model(checkpoint)
+    _check_plain_output_layer(model)
     start = time.perf_counter()
-    prompts = [_prompt_ids(tokenizer, r["prompt"]) for r in rows]
-    generated = greedy_generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size)
-    seconds_generate = time.perf_counter() - start
-    start = time.perf_counter()
-    nll = reference_nll(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
-    seconds_nll = time.perf_counter() - start
+    generated, nll, seconds_nll = generate_with_nll(model, tokenizer, rows,
+                                                    max_new_tokens=max_new_tokens,
+                                                    batch_size=batch_size)
+    seconds_generate = time.perf_counter() - start - seconds_nll
     records, correct = [], 0
     for row, new, (nll_sum, count, number_sum, number_count) in zip(rows, generated, nll):
         text = tokenizer.decode(new, skip_special_tokens=True)
