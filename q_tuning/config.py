@@ -221,6 +221,14 @@ class RunShape:
                    total_steps=total_steps or getattr(args, "train_iters", None))
 
 
+class CommandLineParser(argparse.ArgumentParser):
+    """argparse for our entry points: a bad flag is one line on stderr (`prog: error: ...`) and
+    exit status 2, not the whole usage block above it (`--help` still prints that)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def positive_int(text: str) -> int:
     """argparse type for flags that take an integer >= 1."""
     try:

@@ -113,5 +113,6 @@ def test_entry_points_reject_bad_settings_before_anything_loads(module, extra, f
     proc = subprocess.run([sys.executable, "-m", module, *common, *extra], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    last = proc.stderr.strip().splitlines()[-1]
-    assert flag in last and "nonexistent" not in proc.stderr, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and flag in lines[0], proc.stderr[-2000:]  # no usage block above it
+    assert "nonexistent" not in proc.stderr, proc.stderr[-2000:]

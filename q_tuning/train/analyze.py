@@ -41,7 +41,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from q_tuning.config import QTuningConfig, add_q_tuning_args, positive_int
+from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.observe.report_html import pick_examples
 from q_tuning.parallel import comm
 from q_tuning.parallel.process_group import join_process_group, leave_process_group
@@ -57,7 +57,7 @@ logger = logging.getLogger(__name__)
 # --- arguments ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="q-tuning-analyze", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Score a JSONL data set with a model, apply Q-Tuning's selection and write "
                     "per-sample statistics, the EU-plane figure, a summary and an HTML report.")

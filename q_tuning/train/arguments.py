@@ -21,7 +21,7 @@ import math
 import pathlib
 from typing import Sequence
 
-from q_tuning.config import QTuningConfig, add_q_tuning_args, positive_int
+from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.train.presets import PRESETS, get_preset
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
@@ -51,7 +51,7 @@ def _positive_float(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="q-tuning-train",
         description="Supervised fine-tuning on megatron-core with Q-Tuning (per-step sample and "
                     "token pruning). Megatron-LM / slime flag names.",

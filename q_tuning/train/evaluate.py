@@ -21,7 +21,6 @@ written whole (temporary file, then renamed) or not at all.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 
 from q_tuning._files import write_text_atomic
-from q_tuning.config import positive_int
+from q_tuning.config import CommandLineParser, positive_int
 from q_tuning.train.eval_rows import (EvalError, answer_complete, extract_answer,
                                       normalize_number, read_rows)
 
@@ -345,7 +344,7 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(prog="q-tuning-eval", description=__doc__.split("\n\n")[0])
+    parser = CommandLineParser(prog="q-tuning-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("--hf-checkpoint", default=None,
                         help="HF folder or .gguf file (default: the installed SmolLM2-135M-Instruct "
                              "GGUF, i.e. zero-shot)")

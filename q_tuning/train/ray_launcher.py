@@ -35,6 +35,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from q_tuning.config import CommandLineParser
 from q_tuning.parallel.process_group import free_port
 
 __all__ = ["main", "launch"]
@@ -43,7 +44,7 @@ _GRACE_SECONDS = 10.0
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = CommandLineParser(
         prog="python -m q_tuning.train.ray_launcher",
         description="Run q-tuning-train with one Ray actor per process (other flags are passed "
                     "to the trainer).")
