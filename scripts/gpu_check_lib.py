@@ -31,10 +31,13 @@ import torch
 import torch.distributed as dist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+# the repository (q_tuning, tests, benchmarks) and benchmarks/ itself: the benchmark scripts
+# import their shared helpers (bench_common) as run from that folder
+for _path in (os.path.join(ROOT, "benchmarks"), ROOT):
+    if _path not in sys.path:
+        sys.path.insert(0, _path)
 
-from benchmarks.bench_pruner_step import batch_of  # noqa: E402
+from benchmarks.bench_step_parts import load_batch  # noqa: E402
 from benchmarks.bench_token_stats import naive_token_nll_entropy  # noqa: E402
 from q_tuning import QTuningConfig, QTuningPruner, RunShape  # noqa: E402
 from q_tuning.fused_stats import fused_nll_entropy  # noqa: E402
@@ -191,9 +194,10 @@ def verdict(name: str, ok: bool, summary: str, metrics: dict, tol: Any = None,
 # --- models and batches --------------------------------------------------------------------------
 
 def make_batch(vocab: int, samples: int, min_len: int, max_len: int, seed: int = 0) -> dict:
-    """`bench_pruner_step.batch_of` (random tokens, the first half of each sample a prompt), with
+    """`bench_step_parts.load_batch` (random tokens, the first half of each sample a prompt), with
     a `uid` per sample."""
-    batch = batch_of(dict(batch=samples, min_len=min_len, max_len=max_len, vocab=vocab), seed)
+    batch = load_batch(dict(real=False, batch=samples, min_len=min_len, max_len=max_len,
+                            vocab=vocab), seed)
     batch["uid"] = list(range(samples))
     return batch
 
