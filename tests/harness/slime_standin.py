@@ -29,6 +29,8 @@ from functools import partial
 
 import torch
 
+from q_tuning.parallel.microbatch import first_fit
+
 # --- parse_args ----------------------------------------------------------------------------------
 
 
@@ -73,20 +75,6 @@ def parse_args(add_custom_arguments=None, argv=None) -> argparse.Namespace:
 # --- the rollout side ----------------------------------------------------------------------------
 
 
-def _first_fit(lengths, budget):
-    bins, room = [], []
-    for i, n in enumerate(lengths):
-        for b in range(len(bins)):
-            if n <= room[b]:
-                bins[b].append(i)
-                room[b] -= n
-                break
-        else:
-            bins.append([i])
-            room.append(budget - n)
-    return bins
-
-
 def _split_largest(bins, target, lengths):
     while len(bins) < target:
         cands = [(sum(lengths[i] for i in b), j) for j, b in enumerate(bins) if len(b) > 1]
@@ -120,7 +108,7 @@ def build_dp_schedule(args, parallel: dict, total_lengths, *, global_batch_size:
                for p in groups[rid]]
         lengths = [total_lengths[i] for i in idx]
         if args.use_dynamic_batch_size:
-            bins = _first_fit(lengths, args.max_tokens_per_gpu * cp)
+            bins = first_fit(lengths, args.max_tokens_per_gpu * cp)  # slime's first-fit is the same
         else:
             m = args.micro_batch_size
             bins = [list(range(i, min(i + m, len(idx)))) for i in range(0, len(idx), m)]
