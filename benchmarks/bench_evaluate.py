@@ -6,7 +6,8 @@ Loads the model once, then alternates, run by run, on the same rows:
 - shared (`generate_with_nll`, what `evaluate` runs now): one prompt forward per batch, the
   reference response run on its KV cache for the NLL, the cache cropped, then the same decoding.
 Checks that both give the same generated tokens and NLL (relative 1e-5), and prints the median
-times, their ratio, and a last line of JSON.
+times, their ratio, the shared path's seconds per stage (prompt forwards, NLL, decoding) and a
+last line of JSON.
 
     python benchmarks/bench_evaluate.py --num-samples 300            # SmolLM2-135M, GSM-Symbolic
     python benchmarks/bench_evaluate.py --data-path eval.jsonl --num-samples 32 --repeats 1
@@ -34,6 +35,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
+    parser.add_argument("--shared-batch-size", type=int, default=None,
+                        help="the shared path's batch size (default: --batch-size): is a larger "
+                        "decoding batch faster, and are its outputs the same?")
     parser.add_argument("--repeats", type=int, default=1)
     return parser.parse_args()
 
@@ -66,8 +70,14 @@ def main() -> None:
         return (E.greedy_generate(model, tokenizer, prompts, **kw),
                 E.reference_nll(model, tokenizer, rows, batch_size=max(1, args.batch_size // 2)))
 
+    stages = []  # the shared path's seconds per stage, run by run
+
     def shared():
-        return E.generate_with_nll(model, tokenizer, rows, **kw)[:2]
+        generated, nll, seconds = E.generate_with_nll(
+            model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
+            batch_size=args.shared_batch_size or args.batch_size)
+        stages.append(seconds)
+        return generated, nll
 
     load = [os.getloadavg()[0]]
     times = {"two_passes": [], "shared": []}
@@ -84,7 +94,8 @@ def main() -> None:
     same_counts = all(a.count == b.count and a.number_count == b.number_count
                       for a, b in zip(nll_a, nll_b))
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{len(rows)} rows, batch {args.batch_size}, max new tokens {args.max_new_tokens}, "
+    print(f"{len(rows)} rows, batch {args.batch_size} (shared path: "
+          f"{args.shared_batch_size or args.batch_size}), max new tokens {args.max_new_tokens}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
           f"{load[0]:.2f} -> {load[1]:.2f}")
     for k, v in times.items():
@@ -92,8 +103,15 @@ def main() -> None:
     print(f"shared / two passes = {med['shared'] / med['two_passes']:.3f}; identical generated "
           f"tokens: {same_tokens}; loss-token counts equal: {same_counts}; max relative NLL "
           f"difference {nll_rel:.2e}")
-    print(json.dumps({"rows": len(rows), "two_passes_s": round(med["two_passes"], 2),
-                      "shared_s": round(med["shared"], 2),
+    split = {k: round(statistics.median(getattr(x, k) for x in stages), 2)
+             for k in E.EvalSeconds._fields}
+    print("shared path, median seconds per stage: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
+          + f"; generated tokens {sum(len(g) for g in gen_b)}")
+    print(json.dumps({"rows": len(rows), "batch_size": args.batch_size,
+                      "shared_batch_size": args.shared_batch_size or args.batch_size,
+                      "two_passes_s": round(med["two_passes"], 2),
+                      "shared_s": round(med["shared"], 2), "shared_stages_s": split,
                       "ratio": round(med["shared"] / med["two_passes"], 4),
                       "identical_tokens": same_tokens, "equal_counts": same_counts,
                       "max_rel_nll_diff": nll_rel, "load_average": load}))

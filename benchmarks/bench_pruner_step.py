@@ -34,6 +34,7 @@ import json
 import os
 import statistics
 import time
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -59,19 +60,26 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens-per-gpu", type=int, default=None,
                         help="packed rows of at most this many tokens")
     parser.add_argument("--path", choices=("trainer", "megatron-lm"), default="trainer")
+    parser.add_argument("--seq-length", type=int, default=None,
+                        help="--path megatron-lm: Megatron-LM's row length (default: the "
+                        "preset's; --max-tokens-per-gpu when set)")
     parser.add_argument("--keep-ratios", type=float, nargs="+", default=[0.5, 0.25, 0.125])
     parser.add_argument("--token-keep-ratio", type=float, default=0.7)
     parser.add_argument("--repeats", type=int, default=1)
     return parser.parse_args()
 
 
-def timed(fn, restore, repeats: int) -> list[float]:
-    times = []
+def round_robin(lines: dict, restore, repeats: int, after) -> dict[str, list[float]]:
+    """Seconds per run of each line, the lines taking turns (`repeats` rounds), so a change in
+    load hits all of them; `after(name)` runs after each timed run (untimed)."""
+    times: dict[str, list[float]] = {name: [] for name in lines}
     for _ in range(repeats):
-        restore()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for name, fn in lines.items():
+            restore()
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+            after(name)
     return times
 
 
@@ -99,16 +107,19 @@ def main() -> None:
     def restore():
         model.module.load_state_dict(initial)
 
-    results = {"full": timed(lambda: runner.full(batch), restore, args.repeats),
-               "scoring": timed(lambda: runner.scoring(batch), restore, args.repeats)}
-    padding = {"full": runner.last_padding}
-    counts, stages = {}, {}
-    for r in args.keep_ratios:
-        results[f"keep_{r:g}"] = timed(lambda: runner.q_tuning(batch, r), restore, args.repeats)
-        padding[f"keep_{r:g}"] = runner.last_padding
-        counts[f"keep_{r:g}"] = runner.last_syncs
-        stages[f"keep_{r:g}"] = runner.last_breakdown
-    report(args, preset, batch, results, padding, counts, stages, load_start)
+    lines = {"full": lambda: runner.full(batch), "scoring": lambda: runner.scoring(batch)}
+    lines.update({f"keep_{r:g}": partial(runner.q_tuning, batch, r) for r in args.keep_ratios})
+    padding, counts, stages, kept, sites = {}, {}, {}, {}, {}
+
+    def note(name: str) -> None:
+        if name == "full" or name.startswith("keep"):
+            padding[name] = runner.last_padding
+        if name.startswith("keep"):
+            counts[name], stages[name] = runner.last_syncs, runner.last_breakdown
+            kept[name], sites[name] = runner.last_kept, runner.last_sync_sites
+
+    results = round_robin(lines, restore, args.repeats, note)
+    report(args, preset, batch, results, padding, (counts, sites), stages, kept, load_start)
     dist.destroy_process_group()
 
 
@@ -116,7 +127,8 @@ def uptime_load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def report(args, preset, batch, results, padding, counts, stages, load_start) -> None:
+def report(args, preset, batch, results, padding, syncs, stages, kept, load_start) -> None:
+    counts, sites = syncs
     base = statistics.median(results["full"])
     n_tok = sum(t.numel() for t in batch["tokens"])
     print(f"preset={args.preset} path={args.path} batch={preset['batch']} samples, {n_tok} "
@@ -133,11 +145,13 @@ def report(args, preset, batch, results, padding, counts, stages, load_start) ->
               + ("" if pad is None else f"{pad:>8.3f}"))
     for name, parts in stages.items():
         print(f"{name} breakdown s: " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
-              + f"; host syncs per step: {counts[name]}")
+              + f"; kept {kept[name]}; host syncs per step: {counts[name]}")
+        for part, top in sites[name].items():
+            print(f"  {name} {part} host syncs, most frequent sites: {'; '.join(top)}")
     summary = {"scoring": out["scoring"], **{k: v for k, v in out.items() if k.startswith("keep")},
                "padding_full": round(padding["full"], 4),
                **{f"padding_{k}": round(v, 4) for k, v in padding.items() if k != "full"},
-               "full_step_s": round(base, 3), "host_syncs": counts, "breakdown_s": stages,
+               "full_step_s": round(base, 3), "kept": kept, "host_syncs": counts, "breakdown_s": stages,
                "global_batch_size": preset["batch"], "tokens": n_tok, "path": args.path,
                "max_tokens_per_gpu": args.max_tokens_per_gpu,
                "load_average_start": load_start, "load_average_end": uptime_load()}

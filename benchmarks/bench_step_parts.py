@@ -7,7 +7,9 @@ Q-Tuning step, `last_breakdown` (seconds per stage: the pruner's, then training 
 
 from __future__ import annotations
 
+import collections
 import pathlib
+import sys
 import time
 import types
 from functools import partial
@@ -85,12 +87,15 @@ def load_batch(preset: dict, seed: int = 0) -> dict:
 
 class HostSyncCounter:
     """Counts host reads of tensor values (`item`, `tolist`, `int()`, `float()`, `bool()`) made
-    anywhere while active: each is a device synchronisation on an accelerator."""
+    anywhere while active: each is a device synchronisation on an accelerator. `sites` counts them
+    by the first caller outside torch (`file:line`), `by_package` by q_tuning / megatron / other."""
 
     METHODS = ("item", "tolist", "__int__", "__float__", "__bool__")
 
     def __enter__(self) -> "HostSyncCounter":
         self.count = 0
+        self.sites: collections.Counter = collections.Counter()
+        self._inside = False
         self._saved = {m: getattr(torch.Tensor, m) for m in self.METHODS}
         for m, original in self._saved.items():
             setattr(torch.Tensor, m, self._counting(original))
@@ -98,14 +103,49 @@ class HostSyncCounter:
 
     def _counting(self, original):
         def wrapper(tensor, *args, **kwargs):
+            if self._inside:  # a torch-function mode calls the method again: one read
+                return original(tensor, *args, **kwargs)
             self.count += 1
-            return original(tensor, *args, **kwargs)
+            self.sites[caller_outside_torch()] += 1
+            self._inside = True
+            try:
+                return original(tensor, *args, **kwargs)
+            finally:
+                self._inside = False
         return wrapper
 
     def __exit__(self, *exc) -> None:
         for m, original in self._saved.items():
             setattr(torch.Tensor, m, original)
 
+    @property
+    def by_package(self) -> dict[str, int]:
+        out = collections.Counter()
+        for site, n in self.sites.items():
+            out[next((p for p in ("q_tuning", "megatron") if site.startswith(f"{p}/")),
+                     "other")] += n
+        return dict(out)
+
+    def top(self, k: int = 10) -> list[str]:
+        return [f"{site} x{n}" for site, n in self.sites.most_common(k)]
+
+
+SKIPPED_FRAMES = ("/torch/", "/mcore_cpu/")  # torch, and the CPU shim's torch-function mode
+
+
+def caller_outside_torch() -> str:
+    """`path:line` (from the repository or site-packages) of the nearest frame that is not
+    torch's own code, the CPU shim, nor this file."""
+    frame = sys._getframe(2)
+    while frame is not None and (any(p in frame.f_code.co_filename for p in SKIPPED_FRAMES)
+                                 or frame.f_code.co_filename == __file__):
+        frame = frame.f_back
+    if frame is None:
+        return "?"
+    path = frame.f_code.co_filename
+    for root in ("/site-packages/", str(REPO_ROOT).rstrip("/") + "/"):
+        path = path.split(root, 1)[-1]
+    return f"{path}:{frame.f_lineno}"
 
 
 # --- our trainer's step ---------------------------------------------------------------------------
@@ -117,7 +157,9 @@ class TrainerRunner:
         self.model, self.opt, self.args = model, opt, args
         self.last_padding = 0.0
         self.last_breakdown: dict[str, float] = {}
-        self.last_syncs: dict[str, int] = {}  # host reads in the latest Q-Tuning step
+        self.last_syncs: dict[str, dict[str, int]] = {}  # host reads, latest Q-Tuning step
+        self.last_sync_sites: dict[str, list[str]] = {}  # where most of them are
+        self.last_kept: dict = {}
 
     def _train(self, batch: dict) -> dict[str, float]:
         from q_tuning.parallel.training import forward_backward
@@ -165,9 +207,19 @@ class TrainerRunner:
             kept, _ = pruner.prune([self.model], batch)
         with HostSyncCounter() as in_training:
             train = self._train(kept)
-        self.last_syncs = {"pruner": in_pruner.count, "training": in_training.count}
+        self.last_syncs = {"pruner": in_pruner.by_package, "training": in_training.by_package}
+        self.last_sync_sites = {"pruner": in_pruner.top(), "training": in_training.top()}
+        self.last_kept = kept_share(kept["tokens"], batch["tokens"])
         self.last_breakdown = {k: round(v, 3) for k, v in
                                {**pruner.last_stage_seconds.to_json(), **train}.items()}
+
+
+def kept_share(kept_tokens: list[torch.Tensor], all_tokens: list[torch.Tensor]) -> dict:
+    """Samples kept and the share of the batch's real tokens they hold (the training forward
+    runs all of them; token pruning only masks the loss)."""
+    kept = sum(t.numel() for t in kept_tokens)
+    return {"samples": len(kept_tokens),
+            "token_share": round(kept / max(1, sum(t.numel() for t in all_tokens)), 4)}
 
 
 def padding_ratio(micro_batch_tokens: list[torch.Tensor], sample_tokens: list[torch.Tensor]
@@ -191,7 +243,8 @@ class AdapterRunner(TrainerRunner):
     def __init__(self, model, opt, args, preset) -> None:
         super().__init__(model, opt, args, preset)
         self.packed = args.max_tokens_per_gpu is not None
-        self.seq_length = args.max_tokens_per_gpu or preset.get("seq_length", 1024)
+        self.seq_length = (args.max_tokens_per_gpu or args.seq_length
+                           or preset.get("seq_length", 1024))
         self.micro_batch_size = 1 if self.packed else args.micro_batch_size
 
     def _megatron_args(self, ratio: float) -> types.SimpleNamespace:
@@ -255,7 +308,11 @@ class AdapterRunner(TrainerRunner):
     def q_tuning(self, batch: dict, ratio: float) -> None:
         with HostSyncCounter() as syncs:
             parts = self._step(batch, ratio)
-        self.last_syncs = {"whole step": syncs.count}
+        self.last_syncs = {"whole step": syncs.by_package}
+        self.last_sync_sites = {"whole step": syncs.top()}
+        keep = self.step.pruner.last_decision.selection.keep.tolist()
+        self.last_kept = kept_share([t for t, k in zip(batch["tokens"], keep) if k],
+                                    batch["tokens"])
         stages = self.step.pruner.last_stage_seconds.to_json()
         parts["adapter"] -= sum(stages.values())  # drain, share, rebuild: the rest of it
         self.last_breakdown = {k: round(v, 3) for k, v in {**stages, **parts}.items()}

@@ -48,6 +48,7 @@ def fused_nll_entropy(
     *,
     chunk_tokens: int | None = None,
     chunk_vocab: int | None = None,
+    validate_targets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token `nll = -log softmax(z)[target]` and entropy of `softmax(z)`, `z = hidden @ weight.T
     (+ bias)`, computed block by block without the `[n, V]` logits.
@@ -65,6 +66,8 @@ def fused_nll_entropy(
         chunk_tokens, chunk_vocab: block shape (tokens x vocabulary entries). None picks
             `chunk_vocab = min(V/tp, 8192)` and 2^22 logits per block on CPU (`min(V/tp, 16384)`
             and 2^24 on other devices).
+        validate_targets: False skips the target check (its host sync) for callers that checked
+            the ids already, once for many calls (`score_samples`).
 
     Returns:
         `(nll, entropy)`, float32 (computed in float64 for a float64 weight), shape `[n]`, on the
@@ -88,7 +91,8 @@ def fused_nll_entropy(
     tp_size, tp_rank = comm.size_and_rank(tp_group)
     v_local = weight.shape[0]
     vocab_start = tp_rank * v_local
-    check_targets(targets, v_local * tp_size)
+    if validate_targets:
+        check_targets(targets, v_local * tp_size)
 
     compute_dtype = torch.promote_types(weight.dtype, torch.float32)
     with torch.no_grad():

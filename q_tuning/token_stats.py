@@ -41,6 +41,7 @@ def token_nll_entropy(
     tp_group: torch.distributed.ProcessGroup | None = None,
     *,
     chunk_size: int | None = None,
+    validate_targets: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token `nll = -log softmax(z)[target]` and entropy `-sum_v p_v log p_v` of `softmax(z)`.
 
@@ -54,6 +55,8 @@ def token_nll_entropy(
         chunk_size: tokens per chunk (peak extra memory is two fp32 buffers of
             `chunk_size x V/tp`); None picks about 2^20 logits per chunk on a single-threaded CPU,
             2^24 on a multi-threaded one and 2^26 on other devices (see `_default_chunk_elements`).
+        validate_targets: False skips the target check (its host sync) for callers that checked
+            the ids already, once for many calls (`score_samples`).
 
     Returns:
         `(nll, entropy)`, float32, shape `targets.shape`, on the logits' device, without autograd
@@ -76,7 +79,8 @@ def token_nll_entropy(
     tp_size, tp_rank = comm.size_and_rank(tp_group)
     v_local = logits.shape[-1]
     vocab_start = tp_rank * v_local
-    check_targets(targets, v_local * tp_size)
+    if validate_targets:
+        check_targets(targets, v_local * tp_size)
 
     out_shape = targets.shape
     with torch.no_grad():

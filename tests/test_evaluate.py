@@ -24,8 +24,8 @@ ROWS[2]["prompt"] = "A much longer question, so that the batch needs left paddin
 
 KEYS = {"checkpoint", "data_path", "num_samples", "accuracy", "correct", "nll_per_token",
         "nll_per_sample_mean", "loss_tokens", "generated_tokens", "seconds_generate",
-        "seconds_nll", "max_new_tokens", "batch_size", "nll_per_number_token",
-        "nll_per_other_token", "number_tokens"}
+        "seconds_nll", "seconds_prefill", "seconds_decode", "max_new_tokens", "batch_size",
+        "nll_per_number_token", "nll_per_other_token", "number_tokens"}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -199,7 +199,8 @@ def test_shared_prefill_path_gives_the_two_pass_outputs(tiny, batch_size):
     old_nll = E.reference_nll(model, tokenizer, rows, batch_size=max(1, batch_size // 2))
     generated, nll, seconds = E.generate_with_nll(model, tokenizer, rows, max_new_tokens=12,
                                                   batch_size=batch_size)
-    assert generated == old_generated and seconds >= 0
+    assert generated == old_generated
+    assert isinstance(seconds, E.EvalSeconds) and min(seconds) >= 0 and seconds.decode > 0
     for new, old in zip(nll, old_nll):
         assert (new.count, new.number_count) == (old.count, old.number_count)
         assert new.sum == pytest.approx(old.sum, rel=1e-5)

@@ -265,8 +265,9 @@ def _assert_fused_equals_logits(outs, tol, method="fused"):
         mask = fused["target_mask"]
         assert_close(fused["nll"][mask], logits["nll"][mask], tol)
         assert_close(fused["entropy"][mask], logits["entropy"][mask], tol)
-        # another micro-batch size (the default rule) scores the same
-        assert_close(o["fused_default_rows"]["nll"][mask], logits["nll"][mask], tol)
+        # another micro-batch size (the default rule) scores the same, up to the rounding of
+        # the model's products at another batch shape (seen: 1 ulp at values ~5 on this CPU)
+        assert_close(o["fused_default_rows"]["nll"][mask], logits["nll"][mask], max(tol, 1e-5))
         assert o["output_layer_restored"]
         if "pruned" in o:
             assert o["pruned"]["fused"] == o["pruned"]["logits"]

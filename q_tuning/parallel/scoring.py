@@ -42,6 +42,7 @@ import torch
 
 from q_tuning.config import SCORING_METHODS
 from q_tuning.fused_stats import fused_nll_entropy, fused_workspace_bytes
+from q_tuning.lse_stats import check_targets
 from q_tuning.parallel import comm
 from q_tuning.parallel.microbatch import (build_micro_batches, check_thd_context_parallel,
                                           model_inputs, plan_rows, round_up,
@@ -225,49 +226,72 @@ class ScoringRun:
     method: str
     used: set = dataclasses.field(default_factory=set)  # methods that scored a micro-batch
     peak_bytes: int = 0  # largest statistics-step footprint (see TokenScores.peak_memory_bytes)
+    validate_targets: bool = True  # False: `score_samples` checked every token id once
+
+
+@dataclasses.dataclass
+class ScoredPositions:
+    """One micro-batch's loss-mask positions, found on the host before it moves to the model's
+    device (so no device read decides the selection): their indices in the flattened `[b * s]`
+    model output (on the device), and the sample and token each one predicts (host)."""
+
+    flat: torch.Tensor  # [n] long, model device
+    sample: torch.Tensor  # [n] long, host
+    target: torch.Tensor  # [n] long, host
+
+    @classmethod
+    def of(cls, mb: dict, device: torch.device) -> "ScoredPositions":
+        flat = (mb["loss_mask"] > 0).flatten().nonzero().squeeze(1)
+        return cls(flat=flat.to(device, non_blocking=True),
+                   sample=mb["sample_index"].flatten()[flat],
+                   target=mb["target_index"].flatten()[flat])
 
 
 def _scoring_forward_step(run: ScoringRun, data_iterator: Iterator[dict],
                           model: torch.nn.Module):
     mb = next(data_iterator)
     device = next(model.parameters()).device
+    positions = ScoredPositions.of(mb, device)
     mb = {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in mb.items()}
     inputs, kwargs = model_inputs(mb)
     inner = _unwrap(model)
+    statistics = partial(token_statistics, run, positions, mb["labels"])
     if run.method != "fused" or not getattr(inner, "post_process", True):
-        return model(*inputs, **kwargs), partial(token_statistics, run, mb, None)
+        return model(*inputs, **kwargs), partial(statistics, None)
     reason = _fused_unsupported(inner)
     if reason is not None:
         _fall_back(reason, run.groups)
-        return model(*inputs, **kwargs), partial(token_statistics, run, mb, None)
+        return model(*inputs, **kwargs), partial(statistics, None)
     with _HiddenStatesTap(inner.output_layer) as tap:
         output = model(*inputs, **kwargs)  # [b, s, h] hidden states if the tap ran, else logits
     if tap.head is None:
         _fall_back(f"{type(inner).__name__}.forward did not call its output_layer", run.groups)
-    return output, partial(token_statistics, run, mb, tap.head)
+    return output, partial(statistics, tap.head)
 
 
-def token_statistics(run: ScoringRun, mb: dict, head: OutputHead | None,
-                      output: torch.Tensor, non_loss_data: bool = True):
-    """Statistics of the loss-mask positions only: prompt positions never enter the softmax (nor,
-    on the fused path, the output layer). `output` is `[b, s, h]` hidden states with `head`, else
-    `[b, s, V/tp]` logits."""
-    selected = mb["loss_mask"] > 0  # (b, s_local), identical on every TP rank
-    rows = output[selected]  # [n, h] or [n, V/tp]
-    targets = mb["labels"][selected]  # [n]
+def token_statistics(run: ScoringRun, positions: ScoredPositions, labels: torch.Tensor,
+                     head: OutputHead | None, output: torch.Tensor, non_loss_data: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`([2, n] nll and entropy on the model's device, sample, target)` of the loss-mask
+    positions only: prompt positions never enter the softmax (nor, on the fused path, the output
+    layer). `output` is `[b, s, h]` hidden states with `head`, else `[b, s, V/tp]` logits. Nothing
+    here reads the device: the values are copied to the host once per pass (`score_samples`)."""
+    rows = output.reshape(-1, output.shape[-1]).index_select(0, positions.flat)  # [n, h|V/tp]
+    targets = labels.reshape(-1).index_select(0, positions.flat)  # [n]
+    check = run.validate_targets
     if head is None:
-        nll, ent = token_nll_entropy(rows, targets, run.groups.tp)
+        nll, ent = token_nll_entropy(rows, targets, run.groups.tp, validate_targets=check)
         workspace = token_stats_workspace_bytes(rows.shape[0], rows.shape[-1], rows.device,
                                                 dtype=rows.dtype)
     else:
-        nll, ent = fused_nll_entropy(rows, head.weight, targets, head.bias, run.groups.tp)
+        nll, ent = fused_nll_entropy(rows, head.weight, targets, head.bias, run.groups.tp,
+                                     validate_targets=check)
         workspace = fused_workspace_bytes(rows.shape[0], head.weight.shape[0], head.weight.dtype,
                                           head.weight.device)
     run.used.add("logits" if head is None else "fused")
     footprint = (output.numel() + rows.numel()) * output.element_size() + workspace
     run.peak_bytes = max(run.peak_bytes, footprint)
-    return (nll.cpu(), ent.cpu(), mb["sample_index"][selected].cpu(),
-            mb["target_index"][selected].cpu())
+    return torch.stack([nll, ent]), positions.sample, positions.target
 
 
 # --- the default scoring micro-batch size ---------------------------------------------------------
@@ -356,7 +380,11 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
                                                    num_micro_batches=count, thd=thd)]
     length = max((t.numel() for t in tokens), default=0)
     scores = torch.zeros(2, len(tokens), length, dtype=torch.float32)  # (nll|entropy, n, L)
-    run = ScoringRun(groups=groups, method=method)
+    # Every token id checked once here (one host read), not in each micro-batch's statistics.
+    vocab = getattr(_unwrap(model_chunks[0]), "vocab_size", None)
+    if vocab and tokens:
+        check_targets(torch.cat([t.reshape(-1) for t in tokens]), vocab)
+    run = ScoringRun(groups=groups, method=method, validate_targets=not vocab)
     device = next(model_chunks[0].parameters()).device
     cuda = device.type == "cuda"
     if cuda:  # the process-wide peak counter is read, never reset (Megatron and users report it)
@@ -371,10 +399,9 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
                 model=list(model_chunks), num_microbatches=count,
                 seq_length=layout.seq_length, micro_batch_size=layout.rows_per_micro_batch,
                 forward_only=True, collect_non_loss_data=True)
-        if groups.is_last_stage:
-            for nll, ent, sample, target in collected:
-                scores[0, sample, target] = nll
-                scores[1, sample, target] = ent
+        if groups.is_last_stage and collected:  # one device-to-host copy for the whole pass
+            stats, sample, target = (torch.cat(parts, -1) for parts in zip(*collected))
+            scores[:, sample, target] = stats.cpu()
     # Measured when the pass set a new process peak; else it stayed below an earlier peak and the
     # size estimate stands in.
     measured = cuda and torch.cuda.max_memory_allocated(device) > peak_before

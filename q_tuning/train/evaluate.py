@@ -33,9 +33,9 @@ from q_tuning.config import CommandLineParser, positive_int
 from q_tuning.train.eval_rows import (EvalError, answer_complete, extract_answer,
                                       normalize_number, read_rows)
 
-__all__ = ["EvalError", "answer_complete", "evaluate", "extract_answer", "finished",
-           "generate_with_nll", "greedy_generate", "main", "normalize_number", "prompt_ids",
-           "read_rows", "reference_nll", "RowNll", "digit_tokens"]
+__all__ = ["EvalError", "EvalSeconds", "answer_complete", "evaluate", "extract_answer",
+           "finished", "generate_with_nll", "greedy_generate", "main", "normalize_number",
+           "prompt_ids", "read_rows", "reference_nll", "RowNll", "digit_tokens"]
 
 
 def finished(tokenizer, new: Sequence[int], eos: Sequence[int], max_new_tokens: int) -> bool:
@@ -77,11 +77,20 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
     return out
 
 
+class EvalSeconds(NamedTuple):
+    """Where `generate_with_nll`'s time goes: prompt forwards, the reference NLL (on the prompt
+    cache, plus the two-pass fall-back), greedy decoding."""
+
+    prefill: float
+    nll: float
+    decode: float
+
+
 @torch.inference_mode()
 def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens: int,
-                      batch_size: int) -> tuple[list[list[int]], list["RowNll"], float]:
+                      batch_size: int) -> tuple[list[list[int]], list["RowNll"], EvalSeconds]:
     """`greedy_generate` and `reference_nll` of the same rows with one prompt forward per row:
-    (generated ids, NLL per row, seconds spent on the NLL part).
+    (generated ids, NLL per row, seconds per stage).
 
     Each batch's prompt forward is `greedy_generate`'s own (same batches, shapes and order), so
     the generated tokens are the same. Before decoding, the reference response is run on top of
@@ -94,22 +103,29 @@ def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens:
     is_number, eos = digit_tokens(tokenizer), _end_of_turn_ids(tokenizer)
     out: list[list[int]] = [[] for _ in rows]
     nll: list[RowNll | None] = [None] * len(rows)
-    nll_seconds = 0.0
+    clock = [time.perf_counter()]
+    seconds = {"prefill": 0.0, "nll": 0.0, "decode": 0.0}
+
+    def lap(stage: str) -> None:
+        clock.append(time.perf_counter())
+        seconds[stage] += clock[-1] - clock[-2]
+
     for live in _prompt_batches(prompts, batch_size):
         state = _prefill(model, prompts, live)
-        start = time.perf_counter()
+        lap("prefill")
         shared = [i for i in live if _continues(samples[i], prompts[i])]
         for i, row_nll in zip(shared, _response_nll(model, state, shared, prompts, samples,
                                                     is_number)):
             nll[i] = row_nll
-        nll_seconds += time.perf_counter() - start
+        lap("nll")
         _decode(model, tokenizer, state, out, eos, max_new_tokens)
-    start = time.perf_counter()
+        lap("decode")
     rest = [i for i, v in enumerate(nll) if v is None]
     for i, row_nll in zip(rest, reference_nll(model, tokenizer, [rows[i] for i in rest],
                                               batch_size=max(1, batch_size // 2))):
         nll[i] = row_nll
-    return out, nll, nll_seconds + time.perf_counter() - start
+    lap("nll")
+    return out, nll, EvalSeconds(**seconds)
 
 
 def _continues(sample: tuple[torch.Tensor, torch.Tensor], prompt: list[int]) -> bool:
@@ -306,11 +322,9 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
     rows = read_rows(data_path, num_samples)
     model, tokenizer = load_model(checkpoint)
     _check_plain_output_layer(model)
-    start = time.perf_counter()
-    generated, nll, seconds_nll = generate_with_nll(model, tokenizer, rows,
-                                                    max_new_tokens=max_new_tokens,
-                                                    batch_size=batch_size)
-    seconds_generate = time.perf_counter() - start - seconds_nll
+    generated, nll, seconds = generate_with_nll(model, tokenizer, rows,
+                                                max_new_tokens=max_new_tokens,
+                                                batch_size=batch_size)
     records, correct = [], 0
     for row, new, (nll_sum, count, number_sum, number_count) in zip(rows, generated, nll):
         text = tokenizer.decode(new, skip_special_tokens=True)
@@ -335,7 +349,8 @@ def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = No
         / max(total_tokens - number_tokens, 1),
         "number_tokens": number_tokens,
         "loss_tokens": total_tokens, "generated_tokens": sum(len(g) for g in generated),
-        "seconds_generate": seconds_generate, "seconds_nll": seconds_nll,
+        "seconds_generate": seconds.prefill + seconds.decode, "seconds_nll": seconds.nll,
+        "seconds_prefill": seconds.prefill, "seconds_decode": seconds.decode,
         "max_new_tokens": max_new_tokens, "batch_size": batch_size,
     }
     if predictions:
@@ -375,7 +390,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         write_text_atomic(args.output, json.dumps(result, indent=1))
     print(f"q-tuning-eval: {result['correct']}/{result['num_samples']} exact match "
           f"({100 * result['accuracy']:.1f}%), held-out NLL {result['nll_per_token']:.4f}/token; "
-          f"generation {result['seconds_generate']:.0f} s, NLL {result['seconds_nll']:.0f} s",
+          f"prompt forwards {result['seconds_prefill']:.0f} s, NLL {result['seconds_nll']:.0f} s, "
+          f"decoding {result['seconds_decode']:.0f} s",
           flush=True)
 
 
