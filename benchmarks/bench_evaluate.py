@@ -31,7 +31,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--hf-checkpoint", default=None, help="default: the SmolLM2 GGUF")
     parser.add_argument("--data-path", default=DEFAULT_DATA,
-                        help="gsm_symbolic JSONL; more rows than it holds are generated")
+                        help="gsm_symbolic JSONL; more rows than it holds are generated (all "
+                        "of them when the default file, the main job's, is not there)")
     parser.add_argument("--num-samples", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=256)
@@ -46,7 +47,8 @@ def rows_for(args) -> list[dict]:
     """The first N rows of --data-path, topped up with freshly generated held-out problems."""
     from q_tuning.train.evaluate import read_rows
 
-    rows = read_rows(args.data_path)[:args.num_samples]
+    missing_default = args.data_path == DEFAULT_DATA and not os.path.exists(DEFAULT_DATA)
+    rows = [] if missing_default else read_rows(args.data_path)[:args.num_samples]
     if len(rows) < args.num_samples:
         from q_tuning.train.gsm_symbolic import build_gsm_splits
 

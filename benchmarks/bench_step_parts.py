@@ -280,7 +280,7 @@ class AdapterRunner(TrainerRunner):
         middle = time.perf_counter()
         self.opt.step()
         end = time.perf_counter()
-        self._note_padding(batch)
+        self._note_kept(batch, drained)
         return {"adapter": self.inner_start - start, "forward_backward": middle - self.inner_start,
                 "optimizer": end - middle}
 
@@ -296,11 +296,22 @@ class AdapterRunner(TrainerRunner):
             return inner(**kwargs)
         return call
 
-    def _note_padding(self, batch: dict) -> None:
-        keep = [True] * len(batch["tokens"]) if self.step is None \
-            else self.step.pruner.last_decision.selection.keep.tolist()
-        real = [t[:-1] for t, k in zip(batch["tokens"], keep) if k]  # a sample is s + 1 tokens
-        self.last_padding = padding_ratio([mb["tokens"] for mb in self.seen], real)
+    def _note_kept(self, batch: dict, drained: list[dict]) -> None:
+        """Padding of the micro-batches trained on, and the kept share. The pruner's samples are
+        the rows' segments in row order: plain rows hold one sample each, in batch order; packed
+        rows hold samples in first-fit order plus one padding segment per row (never kept)."""
+        from q_tuning.megatron_lm.batches import micro_batches_to_samples
+
+        samples = micro_batches_to_samples(drained)["tokens"] if self.packed \
+            else batch["tokens"]  # each s + 1 tokens
+        if self.step is None:
+            kept = batch["tokens"]
+        else:
+            keep = self.step.pruner.last_decision.selection.keep.tolist()
+            kept = [t for t, k in zip(samples, keep) if k]
+        self.last_padding = padding_ratio([mb["tokens"] for mb in self.seen],
+                                          [t[:-1] for t in kept])
+        self.last_kept = kept_share(kept, batch["tokens"])
 
     def full(self, batch: dict) -> None:
         self._step(batch, None)
@@ -310,9 +321,6 @@ class AdapterRunner(TrainerRunner):
             parts = self._step(batch, ratio)
         self.last_syncs = {"whole step": syncs.by_package}
         self.last_sync_sites = {"whole step": syncs.top()}
-        keep = self.step.pruner.last_decision.selection.keep.tolist()
-        self.last_kept = kept_share([t for t, k in zip(batch["tokens"], keep) if k],
-                                    batch["tokens"])
         stages = self.step.pruner.last_stage_seconds.to_json()
         parts["adapter"] -= sum(stages.values())  # drain, share, rebuild: the rest of it
         self.last_breakdown = {k: round(v, 3) for k, v in {**stages, **parts}.items()}
