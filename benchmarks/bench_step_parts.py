@@ -280,7 +280,7 @@ class AdapterRunner(TrainerRunner):
         middle = time.perf_counter()
         self.opt.step()
         end = time.perf_counter()
-        self._note_kept(batch, drained)
+        self.drained = drained
         return {"adapter": self.inner_start - start, "forward_backward": middle - self.inner_start,
                 "optimizer": end - middle}
 
@@ -315,10 +315,12 @@ class AdapterRunner(TrainerRunner):
 
     def full(self, batch: dict) -> None:
         self._step(batch, None)
+        self._note_kept(batch, self.drained)
 
     def q_tuning(self, batch: dict, ratio: float) -> None:
         with HostSyncCounter() as syncs:
             parts = self._step(batch, ratio)
+        self._note_kept(batch, self.drained)  # after the count: the benchmark's own reads
         self.last_syncs = {"whole step": syncs.by_package}
         self.last_sync_sites = {"whole step": syncs.top()}
         stages = self.step.pruner.last_stage_seconds.to_json()
