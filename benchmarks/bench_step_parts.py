@@ -161,29 +161,31 @@ class TrainerRunner:
         self.last_sync_sites: dict[str, list[str]] = {}  # where most of them are
         self.last_kept: dict = {}
 
-    def _train(self, batch: dict) -> dict[str, float]:
+    def _train(self, batch: dict, drawn: dict) -> dict[str, float]:
+        """The trainer's `forward_backward_step` on `batch`, pruned from `drawn`."""
         from q_tuning.parallel.training import forward_backward
 
         a, start = self.args, time.perf_counter()
+        reference = [t.numel() for t in drawn["tokens"]]
         self.model.zero_grad_buffer()
         self.opt.zero_grad()
         forward_backward([self.model], batch, micro_batch_size=a.micro_batch_size,
-                         max_tokens_per_row=a.max_tokens_per_gpu)
+                         max_tokens_per_row=a.max_tokens_per_gpu, padding_reference=reference)
         middle = time.perf_counter()
         self.opt.step()
-        self.last_padding = self._padding(batch)  # after the timed part
+        self.last_padding = self._padding(batch, reference)  # after the timed part
         return {"forward_backward": middle - start, "optimizer": time.perf_counter() - middle}
 
-    def _padding(self, batch: dict) -> float:
+    def _padding(self, batch: dict, reference: list[int]) -> float:
         from q_tuning.parallel.training import training_micro_batches
 
         micro_batches, _ = training_micro_batches(
             batch, [self.model], micro_batch_size=self.args.micro_batch_size,
-            max_tokens_per_row=self.args.max_tokens_per_gpu)
+            max_tokens_per_row=self.args.max_tokens_per_gpu, padding_reference=reference)
         return padding_ratio([mb["tokens"] for mb in micro_batches], batch["tokens"])
 
     def full(self, batch: dict) -> None:
-        self._train(batch)
+        self._train(batch, batch)
 
     def scoring(self, batch: dict) -> None:
         from q_tuning.parallel.scoring import score_samples
@@ -206,7 +208,7 @@ class TrainerRunner:
         with HostSyncCounter() as in_pruner:
             kept, _ = pruner.prune([self.model], batch)
         with HostSyncCounter() as in_training:
-            train = self._train(kept)
+            train = self._train(kept, batch)
         self.last_syncs = {"pruner": in_pruner.by_package, "training": in_training.by_package}
         self.last_sync_sites = {"pruner": in_pruner.top(), "training": in_training.top()}
         self.last_kept = kept_share(kept["tokens"], batch["tokens"])

@@ -169,7 +169,7 @@ class QTuningPruner:
             chunks, batch["tokens"], scored_masks, rows_per_micro_batch=c.scoring_micro_batch_size,
             training_micro_batch_size=self.run.micro_batch_size,
             max_tokens_per_row=self.run.max_tokens_per_row, method=c.scoring_method,
-            groups=groups)
+            groups=groups, tokens_checked=True)  # `_validate` checked every token id
         return (loss_targets_only(scores, batch["loss_masks"]),
                 sample_sums(scores, batch["loss_masks"], batch["tokens"]))
 

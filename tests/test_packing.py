@@ -116,3 +116,52 @@ def test_all_padding_filler_micro_batches_are_one_row():
     assert [tuple(mb["tokens"].shape) for mb in mbs] == [(1, 300), (1, 10), (1, 1)]
     assert layout.padded_tokens(lengths, 3) == 311
 
+
+
+def _padded(sorted_lengths, sizes, multiple):
+    total, start = 0, 0
+    for k in sizes:
+        total += k * (-(-sorted_lengths[start] // multiple) * multiple)
+        start += k
+    return total
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_padding_bound_holds_or_the_least_padding_is_taken(seed):
+    rnd = random.Random(100 + seed)
+    n, max_rows, multiple = rnd.randint(1, 9), rnd.randint(2, 4), rnd.choice([1, 4])
+    lengths = [rnd.randint(1, 300) for _ in range(n)]
+    bound = rnd.choice([0.0, 0.01, 0.05, 0.2])
+    layout = plan_rows(lengths, rows_per_micro_batch=max_rows, length_multiple=multiple,
+                       uniform_length=False, max_padding=bound)
+    ordered = sorted(lengths, reverse=True)
+    least = min(_padded(ordered, s, multiple) for s in _all_splits(n, max_rows))
+    got = layout.padded_tokens(lengths)
+    assert got == _padded(ordered, list(layout.bucket_sizes), multiple)
+    assert layout.padding(lengths) <= bound + 1e-12 or got == least
+    unbounded = plan_rows(lengths, rows_per_micro_batch=max_rows, length_multiple=multiple,
+                          uniform_length=False)
+    assert unbounded.bucket_sizes == tuple(bucket_rows(ordered, max_rows))
+    assert got <= unbounded.padded_tokens(lengths)
+
+
+def test_a_pruned_batch_is_padded_no_more_than_the_drawn_one():
+    drawn = [100, 100, 100, 100, 85, 85, 85, 85]  # two full buckets, no padding
+    kept = [100, 98, 90, 85]  # the overhead trade alone keeps these in one padded bucket
+    reference = plan_rows(drawn, rows_per_micro_batch=4, uniform_length=False)
+    assert reference.padding(drawn) == 0
+    plain = plan_rows(kept, rows_per_micro_batch=4, uniform_length=False)
+    assert plain.bucket_sizes == (4,) and plain.padding(kept) > 0.05
+    bounded = plan_rows(kept, rows_per_micro_batch=4, uniform_length=False,
+                        max_padding=reference.padding(drawn))
+    assert bounded.padding(kept) == 0
+
+
+def test_a_padding_bounded_step_has_the_reference_gradient():
+    batch = _batch([100, 98, 90, 85])
+    drawn = [100, 100, 100, 100, 85, 85, 85, 85]
+    (out,) = run_distributed(W.layout_grads_worker, 1, batch, 4, None, drawn, timeout=TIMEOUT)
+    (ref,) = run_distributed(W.one_sample_reference_worker, 1, batch, timeout=TIMEOUT)
+    assert out["shapes"] == [(1, 100), (1, 98), (1, 90), (1, 85)]  # no padding, as drawn
+    for name, g in ref.items():
+        torch.testing.assert_close(out["grads"][name], g, atol=1e-5, rtol=1e-4, msg=name)

@@ -81,6 +81,11 @@ class RowLayout:
         extra = (num_micro_batches or len(groups)) - len(groups)
         return total + extra * self.rows_in([]) * self.micro_batch_length([], lengths)
 
+    def padding(self, lengths: Sequence[int]) -> float:
+        """Padded positions per real token of this layout's micro-batches (0: none)."""
+        real = sum(lengths)
+        return (self.padded_tokens(lengths) - real) / max(real, 1)
+
     def rows_in(self, group: list[list[int]]) -> int:
         """Rows of the built micro-batch holding `group`: `rows_per_micro_batch` unless bucketed
         (then its own; an all-padding filler has one)."""
@@ -131,14 +136,17 @@ def bucket_rows(lengths: Sequence[int], max_rows: int,
 
 def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None,
               max_tokens_per_row: int | None = None, seq_length: int | None = None,
-              length_multiple: int = 1, uniform_length: bool = True) -> RowLayout:
+              length_multiple: int = 1, uniform_length: bool = True,
+              max_padding: float | None = None) -> RowLayout:
     """Lay samples out in rows: one per row, or packed first-fit under `max_tokens_per_row`.
 
     `seq_length` (the row length every micro-batch is padded to, a megatron p2p shape) defaults to
     the longest row, rounded up to `length_multiple` (2*cp, and tp with sequence parallelism).
     With `uniform_length=False` (no pipeline parallelism) rows are sorted by length, longest
     first, cut into length buckets of at most `rows_per_micro_batch` rows (`bucket_rows`), and
-    each micro-batch is padded to its own longest row.
+    each micro-batch is padded to its own longest row. `max_padding` bounds the buckets' padding
+    (`RowLayout.padding`): the micro-batch overhead that `bucket_rows` trades against padding is
+    halved until the bound holds, down to 0 (the least padding these rows allow).
     """
     if max_tokens_per_row is not None:
         for i, n in enumerate(lengths):
@@ -162,13 +170,19 @@ def plan_rows(lengths: Sequence[int], *, rows_per_micro_batch: int | None = None
         raise ValueError(f"sequence length {seq_length} must be a multiple of {length_multiple} "
                          "(2 x context-parallel size, x tensor-parallel size with sequence "
                          "parallelism)")
-    buckets = None
-    if not uniform_length and rows_per_micro_batch > 1:
-        buckets = tuple(bucket_rows([sum(lengths[i] for i in row) for row in rows],
-                                    rows_per_micro_batch))
-    return RowLayout(rows=rows, rows_per_micro_batch=rows_per_micro_batch, seq_length=seq_length,
-                     length_multiple=length_multiple, uniform_length=uniform_length,
-                     bucket_sizes=buckets)
+    layout = RowLayout(rows=rows, rows_per_micro_batch=rows_per_micro_batch,
+                       seq_length=seq_length, length_multiple=length_multiple,
+                       uniform_length=uniform_length)
+    if uniform_length or rows_per_micro_batch == 1:
+        return layout
+    row_lengths = [sum(lengths[i] for i in row) for row in rows]
+    overhead = MICRO_BATCH_OVERHEAD_TOKENS
+    while True:
+        bucketed = dataclasses.replace(layout, bucket_sizes=tuple(
+            bucket_rows(row_lengths, rows_per_micro_batch, overhead)))
+        if max_padding is None or overhead == 0 or bucketed.padding(lengths) <= max_padding:
+            return bucketed
+        overhead //= 2
 
 
 def build_micro_batches(tokens: Sequence[torch.Tensor], loss_masks: Sequence[torch.Tensor],

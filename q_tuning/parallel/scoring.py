@@ -340,11 +340,14 @@ def default_scoring_micro_batch_size(num_rows: int, training_micro_batch_size: i
 def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torch.Tensor],
                   loss_masks: Sequence[torch.Tensor], *, rows_per_micro_batch: int | None = None,
                   training_micro_batch_size: int = 1, max_tokens_per_row: int | None = None,
-                  method: str = "fused", groups: ParallelGroups | None = None) -> TokenScores:
+                  method: str = "fused", groups: ParallelGroups | None = None,
+                  tokens_checked: bool = False) -> TokenScores:
     """Score this DP replica's samples with one forward-only pass of megatron-core's schedule.
 
     `rows_per_micro_batch` None: `default_scoring_micro_batch_size` from
     `training_micro_batch_size`. `method`: "fused" or "logits" (module docstring).
+    `tokens_checked`: the caller already checked every token id against the vocabulary (the
+    pruner's validation does), so the pass skips its own check and that host read.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.utils import get_model_config
@@ -380,9 +383,10 @@ def score_samples(model_chunks: Sequence[torch.nn.Module], tokens: Sequence[torc
                                                    num_micro_batches=count, thd=thd)]
     length = max((t.numel() for t in tokens), default=0)
     scores = torch.zeros(2, len(tokens), length, dtype=torch.float32)  # (nll|entropy, n, L)
-    # Every token id checked once here (one host read), not in each micro-batch's statistics.
+    # Every token id checked once per pass (one host read, or none when the caller checked), not
+    # in each micro-batch's statistics.
     vocab = getattr(_unwrap(model_chunks[0]), "vocab_size", None)
-    if vocab and tokens:
+    if vocab and tokens and not tokens_checked:
         check_targets(torch.cat([t.reshape(-1) for t in tokens]), vocab)
     run = ScoringRun(groups=groups, method=method, validate_targets=not vocab)
     device = next(model_chunks[0].parameters()).device

@@ -27,9 +27,17 @@ from q_tuning.parallel.scoring import ParallelGroups
 
 def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.nn.Module], *,
                            micro_batch_size: int = 1, max_tokens_per_row: int | None = None,
-                           groups: ParallelGroups | None = None) -> tuple[list[dict], RowLayout]:
+                           groups: ParallelGroups | None = None,
+                           padding_reference: Sequence[int] | None = None
+                           ) -> tuple[list[dict], RowLayout]:
     """This rank's micro-batches (CP-sliced) and their layout; counts and row length are the same
-    on every DP rank."""
+    on every DP rank.
+
+    `padding_reference`: token counts of the samples `batch` was pruned from (this rank's). Where
+    rows are length-bucketed (no pipeline parallelism), the kept samples are then padded no more
+    than those samples would be: a pruned step keeps fewer samples per length bucket, and
+    `bucket_rows`' trade of padding against micro-batches alone would let its padding grow.
+    """
     from megatron.core.utils import get_model_config
 
     groups = groups or ParallelGroups.from_parallel_state()
@@ -41,9 +49,14 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
     check_thd_context_parallel(thd, groups.cp_size, max_tokens_per_row)
     lengths = [t.numel() for t in batch["tokens"]]
     uniform = groups.pp_size > 1  # p2p buffers fix the shape only with pipeline parallelism
+    cap = None
+    if padding_reference is not None and not uniform:
+        cap = plan_rows(padding_reference, rows_per_micro_batch=micro_batch_size,
+                        max_tokens_per_row=max_tokens_per_row, length_multiple=multiple,
+                        uniform_length=False).padding(padding_reference)
     local = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
                       max_tokens_per_row=max_tokens_per_row, length_multiple=multiple,
-                      uniform_length=uniform)
+                      uniform_length=uniform, max_padding=cap)
     seq_length = comm.max_over_group(local.seq_length, groups.dp) if uniform else local.seq_length
     count = comm.max_over_group(local.num_micro_batches, groups.dp)
     if len(model_chunks) > 1:
@@ -51,7 +64,7 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
                          or groups.pp_size)
     layout = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
                        max_tokens_per_row=max_tokens_per_row, seq_length=seq_length,
-                       length_multiple=multiple, uniform_length=uniform)
+                       length_multiple=multiple, uniform_length=uniform, max_padding=cap)
     micro_batches = [slice_for_context_parallel(mb, groups.cp)
                      for mb in build_micro_batches(batch["tokens"], batch["loss_masks"], layout,
                                                    num_micro_batches=count, thd=thd)]
@@ -78,13 +91,16 @@ def _sum_token_loss(loss_mask: torch.Tensor, losses: torch.Tensor):
 
 def forward_backward(model_chunks: Sequence[torch.nn.Module], batch: dict[str, list], *,
                      micro_batch_size: int = 1, max_tokens_per_row: int | None = None,
-                     forward_only: bool = False, groups: ParallelGroups | None = None) -> list:
-    """Run megatron-core's schedule over `batch` with the per-token loss; returns its outputs."""
+                     forward_only: bool = False, groups: ParallelGroups | None = None,
+                     padding_reference: Sequence[int] | None = None) -> list:
+    """Run megatron-core's schedule over `batch` with the per-token loss; returns its outputs.
+    `padding_reference`: see `training_micro_batches`."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     micro_batches, layout = training_micro_batches(
         batch, model_chunks, micro_batch_size=micro_batch_size,
-        max_tokens_per_row=max_tokens_per_row, groups=groups)
+        max_tokens_per_row=max_tokens_per_row, groups=groups,
+        padding_reference=padding_reference)
     return get_forward_backward_func()(
         forward_step_func=per_token_loss_forward_step,
         data_iterator=[iter(micro_batches) for _ in model_chunks], model=list(model_chunks),

@@ -21,7 +21,8 @@ One step (`train_step`), on every rank:
    whether it is kept, and may edit `loss_masks`),
    without it they get the step's batch (`tokens`, `loss_masks`, `sample_index`);
 4. `forward_backward_step`: megatron-core's schedule with the per-token loss (the mean over all
-   kept tokens of the step, across micro-batches and DP x CP ranks), megatron's
+   kept tokens of the step, across micro-batches and DP x CP ranks; the kept samples padded no
+   more than the drawn ones would be), megatron's
    `finalize_model_grads`, `optimizer.step()` (clipping inside), the LR scheduler.
 
 Failures (docs/user_guide.md, "Failures and recovery"): `--exit-signal-handler` (SIGTERM) and
@@ -42,7 +43,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -155,11 +156,13 @@ class Trainer:
             hook(self.args, rollout_id, batch)
         return batch, None
 
-    def forward_backward_step(self, batch: dict[str, list]
+    def forward_backward_step(self, batch: dict[str, list],
+                              padding_reference: Optional[Sequence[int]] = None
                               ) -> tuple[torch.Tensor, Optional[float], Optional[str]]:
         """Gradient step on `batch`; returns ([sum of token losses, loss tokens] of this rank's
         micro-batches (zeros off the last pipeline stage), grad norm, and why the optimizer step
-        was skipped (None: it was not)).
+        was skipped (None: it was not)). `padding_reference`: the token counts of the samples
+        drawn for the step, whose padding bounds the kept samples' (`training_micro_batches`).
 
         `--check-for-nan-in-loss-and-grad`: all ranks agree whether any rank's loss or gradients
         (after the data-parallel reduction) hold NaN/inf; if so no rank steps the optimizer or
@@ -173,7 +176,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         outputs = forward_backward(self.model, batch, micro_batch_size=self.args.micro_batch_size,
-                                   max_tokens_per_row=max_tokens_per_row(self.args))
+                                   max_tokens_per_row=max_tokens_per_row(self.args),
+                                   padding_reference=padding_reference)
         loss = torch.zeros(2, dtype=torch.float64)
         for out in outputs:
             loss += out["lm loss"].detach().to("cpu", torch.float64)
@@ -221,9 +225,11 @@ class Trainer:
     def train_step(self) -> StepResult:
         """One iteration (module docstring); returns the step's global numbers."""
         start = time.perf_counter()
-        batch, report = self.select(self.next_batch())
+        drawn = self.next_batch()
+        batch, report = self.select(drawn)
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies
-        loss, grad_norm, skipped = self.forward_backward_step(batch)
+        loss, grad_norm, skipped = self.forward_backward_step(
+            batch, padding_reference=[t.numel() for t in drawn["tokens"]])
         loss_sum, loss_count, samples, tokens, loss_tokens = self._global_sums(loss, batch)
         if int(loss_count) != loss_tokens:
             raise RuntimeError(f"iteration {self.state.iteration + 1}: the schedule counted "

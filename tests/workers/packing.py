@@ -9,20 +9,19 @@ SEQ_LEN = 256  # the longest test sample fits RoPE's table
 
 
 def layout_grads_worker(rank, world_size, batch: dict, micro_batch_size: int,
-                        max_tokens_per_row: int | None):
+                        max_tokens_per_row: int | None, padding_reference=None):
     """`forward_backward` on `batch` (length-bucketed or packed by `plan_rows`); returns the full
     gradients and the rows per micro-batch that the step ran."""
     from q_tuning.parallel.training import forward_backward, training_micro_batches
 
     with parallel_world():
         chunks = wrap_ddp(build_tiny_gpt(**MODEL, seq_len=SEQ_LEN))
-        micro_batches, _ = training_micro_batches(batch, chunks,
-                                                  micro_batch_size=micro_batch_size,
-                                                  max_tokens_per_row=max_tokens_per_row)
+        layout = {"micro_batch_size": micro_batch_size, "max_tokens_per_row": max_tokens_per_row,
+                  "padding_reference": padding_reference}
+        micro_batches, _ = training_micro_batches(batch, chunks, **layout)
         for c in chunks:
             c.zero_grad_buffer()
-        forward_backward(chunks, batch, micro_batch_size=micro_batch_size,
-                         max_tokens_per_row=max_tokens_per_row)
+        forward_backward(chunks, batch, **layout)
         return {"grads": full_state_dict(chunks, grads=True),
                 "shapes": [tuple(mb["tokens"].shape) for mb in micro_batches]}
 
