@@ -23,7 +23,8 @@ NOISE = ("clean", "misaligned", "arithmetic")
 COMPARISONS = [("qtuning_25x70", "random_25x70"), ("qtuning_25x70", "full"),
                ("qtuning_25x70", "qtuning_25x70_exact"), ("qtuning_25x100", "random_25x70"),
                ("qtuning_25x70_official", "random_25x70"), ("qtuning_25x70_exact", "random_25x70"),
-               ("infobatch", "full"), ("random_25x70", "full")]
+               ("qtuning_25x70_global", "random_25x70"), ("qtuning_25x70_global", "qtuning_25x70"),
+               ("infobatch", "full"), ("random_25x70", "full"), ("full", "full_clean")]
 BOOTSTRAP_DRAWS = 2000
 
 
