@@ -117,7 +117,6 @@ def test_all_padding_filler_micro_batches_are_one_row():
     assert layout.padded_tokens(lengths, 3) == 311
 
 
-
 def _padded(sorted_lengths, sizes, multiple):
     total, start = 0, 0
     for k in sizes:

@@ -12,6 +12,7 @@ that carry no loss tokens, so every rank runs the same schedule.
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -62,9 +63,8 @@ def training_micro_batches(batch: dict[str, list], model_chunks: Sequence[torch.
     if len(model_chunks) > 1:
         count = round_up(count, getattr(config, "microbatch_group_size_per_vp_stage", None)
                          or groups.pp_size)
-    layout = plan_rows(lengths, rows_per_micro_batch=micro_batch_size,
-                       max_tokens_per_row=max_tokens_per_row, seq_length=seq_length,
-                       length_multiple=multiple, uniform_length=uniform, max_padding=cap)
+    # The same rows, padded to the group's row length (a multiple of `multiple`, like this rank's).
+    layout = dataclasses.replace(local, seq_length=seq_length)
     micro_batches = [slice_for_context_parallel(mb, groups.cp)
                      for mb in build_micro_batches(batch["tokens"], batch["loss_masks"], layout,
                                                    num_micro_batches=count, thd=thd)]
