@@ -1,21 +1,24 @@
 """`q-tuning-eval`'s work, today's two passes against the shared-prompt path, side by side.
 
 Loads the model once, then alternates, run by run, on the same rows:
-- two passes (the path before the change): `greedy_generate` (prompt forward + decoding), then
-  `reference_nll` (a second forward over prompt + reference response);
-- shared (`generate_with_nll`, what `evaluate` runs now): one prompt forward per batch, the
-  reference response run on its KV cache for the NLL, the cache cropped, then the same decoding.
-Checks that both give the same generated tokens and NLL (relative 1e-5), and prints the median
-times, their ratio, the shared path's seconds per stage (prompt forwards, NLL, decoding) and a
-last line of JSON.
+- two passes (`q-tuning-eval` as of 2026-12-01, the issue's "today"): `greedy_generate` (prompt
+  forward + decoding batch by batch) then `reference_nll` (a second forward over prompt +
+  reference response), with transformers' own SDPA attention (KV heads repeated);
+- shared (`generate_with_nll`, what `evaluate` runs now), once per `--shared-batch-size`: the
+  decoding pool kept full, one prompt forward per joining group with the reference response run
+  on its KV cache for the NLL, GQA attention.
+For each shared run: its time over the two passes', whether the generated tokens are identical,
+the largest relative NLL difference, and its seconds per stage (prompt forwards, NLL, decoding);
+a last line of JSON.
 
     python benchmarks/bench_evaluate.py --num-samples 300            # SmolLM2-135M, GSM-Symbolic
-    python benchmarks/bench_evaluate.py --data-path eval.jsonl --num-samples 32 --repeats 1
+    python benchmarks/bench_evaluate.py --num-samples 300 --shared-batch-size 16 64
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -34,11 +37,12 @@ def parse_args() -> argparse.Namespace:
                         help="gsm_symbolic JSONL; more rows than it holds are generated (all "
                         "of them when the default file, the main job's, is not there)")
     parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="the two-pass path's batch size (q-tuning-eval's default before)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
-    parser.add_argument("--shared-batch-size", type=int, default=None,
-                        help="the shared path's batch size (default: --batch-size): is a larger "
-                        "decoding batch faster, and are its outputs the same?")
+    parser.add_argument("--shared-batch-size", type=int, nargs="+", default=[64],
+                        help="the shared path's decoding pool sizes, one timed run each "
+                        "(64: q-tuning-eval's default now)")
     parser.add_argument("--repeats", type=int, default=1)
     return parser.parse_args()
 
@@ -62,6 +66,7 @@ def main() -> None:
     on_path()
     from q_tuning.train import evaluate as E
     from q_tuning.train.assets import smollm2_gguf_path
+    from q_tuning.train.decoding import use_gqa_attention
 
     rows = rows_for(args)
     model, tokenizer = E.load_model(args.hf_checkpoint or str(smollm2_gguf_path()))
@@ -69,54 +74,65 @@ def main() -> None:
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
 
     def two_passes():
+        model.set_attn_implementation("sdpa")
         return (E.greedy_generate(model, tokenizer, prompts, **kw),
                 E.reference_nll(model, tokenizer, rows, batch_size=max(1, args.batch_size // 2)))
 
-    stages = []  # the shared path's seconds per stage, run by run
-
-    def shared():
+    def shared(pool: int):
+        use_gqa_attention(model)
         generated, nll, seconds = E.generate_with_nll(
-            model, tokenizer, rows, max_new_tokens=args.max_new_tokens,
-            batch_size=args.shared_batch_size or args.batch_size)
-        stages.append(seconds)
+            model, tokenizer, rows, max_new_tokens=args.max_new_tokens, batch_size=pool)
+        stages[pool].append(seconds)
         return generated, nll
 
+    runs = {"two_passes": two_passes}
+    runs.update({f"shared_{pool}": functools.partial(shared, pool)
+                 for pool in args.shared_batch_size})
+    stages = {pool: [] for pool in args.shared_batch_size}  # seconds per stage, run by run
     load = [os.getloadavg()[0]]
-    times = {"two_passes": [], "shared": []}
+    times = {name: [] for name in runs}
     outputs = {}
     for _ in range(args.repeats):
-        for name, fn in (("two_passes", two_passes), ("shared", shared)):
+        for name, fn in runs.items():
             start = time.perf_counter()
             outputs[name] = fn()
             times[name].append(time.perf_counter() - start)
     load.append(os.getloadavg()[0])
-    (gen_a, nll_a), (gen_b, nll_b) = outputs["two_passes"], outputs["shared"]
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"{len(rows)} rows, two passes at batch {args.batch_size}, max new tokens "
+          f"{args.max_new_tokens}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"load average {load[0]:.2f} -> {load[1]:.2f}")
+    for k, v in times.items():
+        print(f"{k:<11} median {med[k]:8.1f} s  runs {', '.join(f'{t:.1f}' for t in v)}")
+    summary = {"rows": len(rows), "batch_size": args.batch_size,
+               "two_passes_s": round(med["two_passes"], 2), "load_average": load}
+    for pool in args.shared_batch_size:
+        summary[f"shared_{pool}"] = compare(outputs["two_passes"], outputs[f"shared_{pool}"],
+                                            med["two_passes"], med[f"shared_{pool}"],
+                                            stages[pool], pool)
+    print(json.dumps(summary))
+
+
+def compare(old, new, old_s: float, new_s: float, stages: list, pool: int) -> dict:
+    """Print and return how one shared run compares with the two passes: time ratio, identical
+    tokens, NLL difference, seconds per stage."""
+    from q_tuning.train.evaluate import EvalSeconds
+
+    (gen_a, nll_a), (gen_b, nll_b) = old, new
     same_tokens = gen_a == gen_b
     nll_rel = max(abs(a.sum - b.sum) / max(abs(a.sum), 1e-12) for a, b in zip(nll_a, nll_b))
     same_counts = all(a.count == b.count and a.number_count == b.number_count
                       for a, b in zip(nll_a, nll_b))
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"{len(rows)} rows, batch {args.batch_size} (shared path: "
-          f"{args.shared_batch_size or args.batch_size}), max new tokens {args.max_new_tokens}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average "
-          f"{load[0]:.2f} -> {load[1]:.2f}")
-    for k, v in times.items():
-        print(f"{k:<11} median {med[k]:8.1f} s  runs {', '.join(f'{t:.1f}' for t in v)}")
-    print(f"shared / two passes = {med['shared'] / med['two_passes']:.3f}; identical generated "
-          f"tokens: {same_tokens}; loss-token counts equal: {same_counts}; max relative NLL "
-          f"difference {nll_rel:.2e}")
     split = {k: round(statistics.median(getattr(x, k) for x in stages), 2)
-             for k in E.EvalSeconds._fields}
-    print("shared path, median seconds per stage: "
+             for k in EvalSeconds._fields}
+    print(f"pool {pool}: shared / two passes = {new_s / old_s:.3f}; identical generated tokens: "
+          f"{same_tokens}; loss-token counts equal: {same_counts}; max relative NLL difference "
+          f"{nll_rel:.2e}; median seconds per stage: "
           + ", ".join(f"{k} {v:.1f}" for k, v in split.items())
           + f"; generated tokens {sum(len(g) for g in gen_b)}")
-    print(json.dumps({"rows": len(rows), "batch_size": args.batch_size,
-                      "shared_batch_size": args.shared_batch_size or args.batch_size,
-                      "two_passes_s": round(med["two_passes"], 2),
-                      "shared_s": round(med["shared"], 2), "shared_stages_s": split,
-                      "ratio": round(med["shared"] / med["two_passes"], 4),
-                      "identical_tokens": same_tokens, "equal_counts": same_counts,
-                      "max_rel_nll_diff": nll_rel, "load_average": load}))
+    return {"shared_s": round(new_s, 2), "ratio": round(new_s / old_s, 4), "stages_s": split,
+            "identical_tokens": same_tokens, "equal_counts": same_counts,
+            "max_rel_nll_diff": nll_rel}
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import decimal
 import json
-import math
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ import torch
 pytest.importorskip("transformers")
 
 from q_tuning.train import evaluate as E  # noqa: E402
+from tests.harness.hf import save_tiny_llama, slow_greedy  # noqa: E402
 
 ROWS = [{"prompt": f"What is {i} + {2 * i}?", "response": f"{i} + {2 * i} = {3 * i}.\n#### {3 * i}",
          "answer": str(3 * i), "id": i} for i in range(1, 6)]
@@ -38,24 +38,8 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    import transformers
-
-    from q_tuning.train.assets import load_tokenizer
-
     folder = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = load_tokenizer(cache_dir=tmp_path_factory.getbasetemp() / "q_tuning_cache")
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,
-                                      intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2,
-                                      max_position_embeddings=512, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():  # large weights: peaked, input-dependent greedy choices
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.copy_(torch.randn_like(p) * 3 / math.sqrt(p.shape[1]))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    save_tiny_llama(folder, tmp_path_factory.getbasetemp() / "q_tuning_cache")
     data = folder / "eval.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
     model, tokenizer = E.load_model(str(folder))
@@ -102,20 +86,6 @@ def test_a_row_finishes_at_end_of_turn_answer_line_or_limit(tiny):
         assert E.finished(tokenizer, ids, eos, len(ids)), text
     assert E.finished(tokenizer, tokenizer("so 4", add_special_tokens=False)["input_ids"]
                       + eos[:1], eos, 1000)
-
-
-def slow_greedy(model, prompt: list[int], max_new: int, eos: list[int]) -> list[int]:
-    """One sample, the whole sequence through the model every step, no cache: argmax."""
-    ids = list(prompt)
-    new = []
-    for _ in range(max_new):
-        logits = model(input_ids=torch.tensor([ids])).logits[0, -1]
-        token = int(logits.argmax())
-        new.append(token)
-        ids.append(token)
-        if token in eos:
-            break
-    return new
 
 
 def test_batched_cached_greedy_equals_the_slow_reference(tiny):

@@ -33,6 +33,8 @@ from q_tuning.config import CommandLineParser, positive_int
 from q_tuning.train.eval_rows import (EvalError, answer_complete, extract_answer,
                                       normalize_number, read_rows)
 
+JOIN_ROWS = 16  # the most prompts that join the decoding at once (one prompt forward, one NLL)
+
 __all__ = ["EvalError", "EvalSeconds", "answer_complete", "evaluate", "extract_answer",
            "finished", "generate_with_nll", "greedy_generate", "main", "normalize_number",
            "prompt_ids", "read_rows", "reference_nll", "RowNll", "digit_tokens"]
@@ -69,10 +71,12 @@ def greedy_generate(model, tokenizer, prompts: Sequence[list[int]], *, max_new_t
     `finished` says. Left-padded batches sorted by prompt length; a finished row leaves the batch
     and the KV cache at once, so a few rows that never write an answer line do not keep the whole
     batch decoding to the token limit (`generate` would, at about twice the cost here)."""
+    from q_tuning.train.decoding import prefill
+
     eos = _end_of_turn_ids(tokenizer)
     out: list[list[int]] = [[] for _ in prompts]
     for live in _prompt_batches(prompts, batch_size):
-        state = _prefill(model, prompts, live)
+        state = prefill(model, prompts, live)
         _decode(model, tokenizer, state, out, eos, max_new_tokens)
     return out
 
@@ -92,12 +96,16 @@ def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens:
     """`greedy_generate` and `reference_nll` of the same rows with one prompt forward per row:
     (generated ids, NLL per row, seconds per stage).
 
-    Each batch's prompt forward is `greedy_generate`'s own (same batches, shapes and order), so
-    the generated tokens are the same. Before decoding, the reference response is run on top of
-    the prompt's KV cache (teacher-forced, right-padded; the first response token is scored from
-    the prompt forward's last logits), then the cache is cropped back to the prompt. A row whose
-    training tokens do not start with its generation prompt, or that has a loss token inside the
-    prompt, is scored by `reference_nll` instead."""
+    Decoding keeps `batch_size` rows going (`decoding.decode_pool`): prompts join in length
+    order as rows finish, each group with one prompt forward. Before a group joins, its reference
+    responses run on top of its prompt KV cache (teacher-forced, right-padded; the first response
+    token is scored from the prompt forward's last logits), then the cache is cropped back to the
+    prompts. A row whose training tokens do not start with its generation prompt, or that has a
+    loss token inside the prompt, is scored by `reference_nll` instead. The arithmetic is
+    `greedy_generate`'s, in other batch shapes: the same tokens wherever no two logits are within
+    float32 rounding of each other (`benchmarks/bench_evaluate.py` checks both)."""
+    from q_tuning.train.decoding import decode_pool, prefill
+
     prompts = [prompt_ids(tokenizer, r["prompt"]) for r in rows]
     samples = _training_tokens(tokenizer, rows)
     is_number, eos = digit_tokens(tokenizer), _end_of_turn_ids(tokenizer)
@@ -110,16 +118,22 @@ def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens:
         clock.append(time.perf_counter())
         seconds[stage] += clock[-1] - clock[-2]
 
-    for live in _prompt_batches(prompts, batch_size):
-        state = _prefill(model, prompts, live)
+    def admit(group: list[int]):
+        lap("decode")
+        state = prefill(model, prompts, group)
         lap("prefill")
-        shared = [i for i in live if _continues(samples[i], prompts[i])]
+        shared = [i for i in group if _continues(samples[i], prompts[i])]
         for i, row_nll in zip(shared, _response_nll(model, state, shared, prompts, samples,
                                                     is_number)):
             nll[i] = row_nll
         lap("nll")
-        _decode(model, tokenizer, state, out, eos, max_new_tokens)
-        lap("decode")
+        return state
+
+    decode_pool(model, _length_order(prompts), out, admit=admit, batch_size=batch_size,
+                join_rows=JOIN_ROWS,
+                finished=lambda new: finished(tokenizer, new, eos, max_new_tokens),
+                room=max_new_tokens)
+    lap("decode")
     rest = [i for i, v in enumerate(nll) if v is None]
     for i, row_nll in zip(rest, reference_nll(model, tokenizer, [rows[i] for i in rest],
                                               batch_size=max(1, batch_size // 2))):
@@ -135,7 +149,7 @@ def _continues(sample: tuple[torch.Tensor, torch.Tensor], prompt: list[int]) -> 
     return tokens.numel() > n and tokens[:n].tolist() == prompt and not bool(mask[1:n].any())
 
 
-def _response_nll(model, state: "_Batch", shared: list[int], prompts, samples,
+def _response_nll(model, state, shared: list[int], prompts, samples,
                   is_number: torch.Tensor) -> list["RowNll"]:
     """NLL of the `shared` rows' responses on top of the batch's prompt cache; the cache is
     cropped back to the prompt afterwards."""
@@ -171,40 +185,17 @@ def _row_nll(values: torch.Tensor, digits: torch.Tensor) -> "RowNll":
                   int(digits.sum()))
 
 
+def _length_order(prompts: Sequence[list[int]]) -> list[int]:
+    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+
+
 def _prompt_batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[int]]:
     """Prompt indices in batches of `batch_size`, sorted by prompt length."""
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = _length_order(prompts)
     return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
 
 
-class _Batch(NamedTuple):
-    """A left-padded batch after its prompt forward: the rows' prompt indices, KV cache, attention
-    mask and position ids `[b, width]`, and the last position's logits `[b, V]`."""
-
-    live: list[int]
-    cache: Any
-    attention: torch.Tensor
-    positions: torch.Tensor
-    logits: torch.Tensor
-
-
-def _prefill(model, prompts: Sequence[list[int]], live: list[int]) -> _Batch:
-    from transformers import DynamicCache
-
-    width = max(len(prompts[i]) for i in live)
-    ids = torch.zeros((len(live), width), dtype=torch.long)
-    attention = torch.zeros((len(live), width), dtype=torch.long)
-    for row, i in enumerate(live):  # left padding
-        ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-        attention[row, width - len(prompts[i]):] = 1
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache()
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits
-    return _Batch(list(live), cache, attention, positions, logits[:, -1])
-
-
-def _decode(model, tokenizer, state: _Batch, out: list[list[int]], eos: Sequence[int],
+def _decode(model, tokenizer, state, out: list[list[int]], eos: Sequence[int],
             max_new_tokens: int) -> None:
     """Greedy tokens from a prefilled batch into `out` until every row is `finished`."""
     live, cache, attention, positions, logits = state
@@ -296,10 +287,12 @@ def _training_tokens(tokenizer, rows: Sequence[dict]) -> list[tuple[torch.Tensor
 
 
 def load_model(path: str):
-    """(model, tokenizer) from an HF folder or a GGUF file, float32, eval mode, local files."""
+    """(model, tokenizer) from an HF folder or a GGUF file, float32, eval mode, local files; SDPA
+    attention without copying the KV heads (`decoding.use_gqa_attention`)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
+    from q_tuning.train.decoding import use_gqa_attention
     from q_tuning.train.assets import load_tokenizer
     from q_tuning.train.model import resolve_checkpoint
 
@@ -313,11 +306,12 @@ def load_model(path: str):
     if gguf:
         kwargs["gguf_file"] = gguf
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    use_gqa_attention(model)
     return model, tokenizer
 
 
 def evaluate(checkpoint: str, data_path: str, *, num_samples: Optional[int] = None,
-             batch_size: int = 16, max_new_tokens: int = 256,
+             batch_size: int = 64, max_new_tokens: int = 256,
              predictions: Optional[str] = None) -> dict[str, Any]:
     rows = read_rows(data_path, num_samples)
     model, tokenizer = load_model(checkpoint)
@@ -365,7 +359,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                              "GGUF, i.e. zero-shot)")
     parser.add_argument("--data-path", required=True, help="gsm_symbolic JSONL (eval.jsonl)")
     parser.add_argument("--num-samples", type=positive_int, default=None, help="first N rows")
-    parser.add_argument("--batch-size", type=positive_int, default=16)
+    parser.add_argument("--batch-size", type=positive_int, default=64,
+                        help="rows decoded together (default 64); prompts join the decoding "
+                        f"in groups of at most {JOIN_ROWS}")
     parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--output", default=None, help="result JSON (written atomically)")
     parser.add_argument("--predictions", default=None, help="per-sample JSONL")
