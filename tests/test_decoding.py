@@ -63,14 +63,25 @@ def run_pool(model, prompts, limits, batch_size, join_rows=2, room=2):
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 3])
-def test_pool_rows_equal_the_slow_reference(tiny, batch_size):
+def test_pool_rows_equal_the_slow_reference(tiny, batch_size, monkeypatch):
     """Rows stop after 1..9 tokens, so slots free up at different steps; the longest prompt joins
     a window narrower than itself (room before the window is made); room=2 makes the buffer grow
-    after the window many times."""
+    after the window more than once."""
     model, tokenizer = tiny
     prompts = prompts_for(tokenizer, [2, 3, 5, 8, 1, 30, 4])
     limits = [5, 1, 9, 3, 7, 6, 2]
+    grown = []  # (left, right) of every reallocation
+    real_reserve = D.SlotCache.reserve
+
+    def reserve(cache, left, right):
+        if cache.start < left or cache.end + right > cache.mask.shape[1]:
+            grown.append((left, right))
+        real_reserve(cache, left, right)
+
+    monkeypatch.setattr(D.SlotCache, "reserve", reserve)
     out, groups, sizes = run_pool(model, prompts, limits, batch_size)
+    assert grown[0][0] > 0 and any(left > 0 for left, _ in grown[1:])
+    assert sum(left == 0 for left, _ in grown) >= 2
     assert [len(o) for o in out] == limits
     for prompt, limit, new in zip(prompts, limits, out):
         assert new == slow_greedy(model, prompt, limit, [])

@@ -14,7 +14,7 @@ at once, so every step runs `batch_size` rows until the prompts run out.
 
 Public API:
     Prefilled, prefill(model, prompts, live) -> Prefilled
-    decode_pool(model, order, out, *, admit, batch_size, join_rows, finished, room)
+    decode_pool(model, order, out, *, admit, batch_size, join_rows, finished, room=64)
     use_gqa_attention(model), GQA_ATTENTION
 """
 
@@ -79,12 +79,17 @@ def use_gqa_attention(model) -> bool:
     current = model.config._attn_implementation
     if current == GQA_ATTENTION:
         return True
-    if current != "sdpa":
+    if current != "sdpa" or _torch_version() < (2, 5):  # enable_gqa came with torch 2.5
         return False
     AttentionInterface.register(GQA_ATTENTION, _gqa_sdpa)
     AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
     model.set_attn_implementation(GQA_ATTENTION)
     return True
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 class _SlotLayer:
@@ -137,29 +142,29 @@ class SlotCache(Cache):
             layers.append(_SlotLayer(self, keys.new_zeros(shape), keys.new_zeros(shape)))
         super().__init__(layers=layers)
 
-    def _buffers(self) -> list[torch.Tensor]:
-        return [self.mask] + [b for layer in self.layers for b in layer.buffers]
-
-    def _set_buffers(self, buffers: list[torch.Tensor]) -> None:
-        self.mask = buffers[0]
-        for k, layer in enumerate(self.layers):
-            layer.buffers = buffers[1 + 2 * k:3 + 2 * k]
+    def _replace_buffers(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Each buffer (the mask, every layer's keys and values) by `change(buffer)`, one layer at
+        a time, so that at most one layer's old and new buffers are held at once."""
+        self.mask = change(self.mask)
+        for layer in self.layers:
+            layer.buffers = [change(buffer) for buffer in layer.buffers]
 
     def reserve(self, left: int, right: int) -> None:
         """At least `left` columns before the window and `right` after it: the window is copied
         into a larger buffer, with `room` more columns after it, when they are not there."""
         if self.start >= left and self.end + right <= self.mask.shape[1]:
             return
-        width = self.end - self.start
-        moved = []
-        for old in self._buffers():
+        start, width = self.start, self.end - self.start
+
+        def moved(old: torch.Tensor) -> torch.Tensor:
             dim = 1 if old.dim() == 2 else 2  # the mask [slots, C]; keys, values [slots, h, C, d]
             shape = list(old.shape)
             shape[dim] = left + width + right + self.room
             new = old.new_zeros(shape)
-            new.narrow(dim, left, width).copy_(old.narrow(dim, self.start, width))
-            moved.append(new)
-        self._set_buffers(moved)
+            new.narrow(dim, left, width).copy_(old.narrow(dim, start, width))
+            return new
+
+        self._replace_buffers(moved)
         self.start, self.end = left, left + width
 
     def write(self, slots: list[int], batch: "Prefilled") -> None:
@@ -176,7 +181,7 @@ class SlotCache(Cache):
 
     def keep(self, slots: list[int]) -> None:
         index = torch.tensor(slots, dtype=torch.long)
-        self._set_buffers([b[index] for b in self._buffers()])
+        self._replace_buffers(lambda buffer: buffer[index])
 
     def slide(self) -> None:
         """Move the start past the columns no row attends to."""
@@ -223,13 +228,13 @@ class _Pool:
 
 def decode_pool(model, order: Sequence[int], out: list[list[int]], *,
                 admit: Callable[[list[int]], Prefilled], batch_size: int, join_rows: int,
-                finished: Callable[[list[int]], bool], room: int) -> None:
+                finished: Callable[[list[int]], bool], room: int = 64) -> None:
     """Greedy tokens into `out[i]` for every prompt index in `order` until `finished(out[i])`.
 
     `admit(indices)` prefills a group of prompts (its cache cropped to the prompts); up to
     `batch_size` rows decode together and a finished row's slot takes the next prompt at once,
-    in groups of at most `join_rows`. `room`: columns to keep free after the window (the most
-    new tokens a row can take)."""
+    in groups of at most `join_rows`. `room`: columns added after the window each time the KV
+    buffer grows (a copy of the window every `room` steps)."""
     queue, pool, free = list(order), None, list(range(batch_size))
 
     def take(slots: list[int], rows: list[int], logits: torch.Tensor) -> None:

@@ -131,8 +131,7 @@ def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens:
 
     decode_pool(model, _length_order(prompts), out, admit=admit, batch_size=batch_size,
                 join_rows=JOIN_ROWS,
-                finished=lambda new: finished(tokenizer, new, eos, max_new_tokens),
-                room=max_new_tokens)
+                finished=lambda new: finished(tokenizer, new, eos, max_new_tokens))
     lap("decode")
     rest = [i for i, v in enumerate(nll) if v is None]
     for i, row_nll in zip(rest, reference_nll(model, tokenizer, [rows[i] for i in rest],
@@ -289,7 +288,6 @@ def _training_tokens(tokenizer, rows: Sequence[dict]) -> list[tuple[torch.Tensor
 def load_model(path: str):
     """(model, tokenizer) from an HF folder or a GGUF file, float32, eval mode, local files; SDPA
     attention without copying the KV heads (`decoding.use_gqa_attention`)."""
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from q_tuning.train.decoding import use_gqa_attention
@@ -301,8 +299,7 @@ def load_model(path: str):
         tokenizer = load_tokenizer(path)
     except (FileNotFoundError, ValueError) as e:
         raise EvalError(f"--hf-checkpoint: {e}") from None
-    old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
-    kwargs = {"torch_dtype" if old else "dtype": torch.float32, "local_files_only": True}
+    kwargs = {"dtype": torch.float32, "local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf
     model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
