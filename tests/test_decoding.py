@@ -31,6 +31,10 @@ def prompts_for(tokenizer, lengths: list[int]) -> list[list[int]]:
     return [E.prompt_ids(tokenizer, " ".join(WORDS[k % 10] for k in range(n))) for n in lengths]
 
 
+def length_order(prompts: list[list[int]]) -> list[int]:
+    return sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+
+
 def run_pool(model, prompts, limits, batch_size, join_rows=2, room=2):
     """decode_pool with a per-row token limit; records each admitted group and forward size."""
     out = [[] for _ in prompts]
@@ -54,7 +58,7 @@ def run_pool(model, prompts, limits, batch_size, join_rows=2, room=2):
     model.forward = forward
     try:
         with torch.inference_mode():
-            D.decode_pool(model, E._length_order(prompts), out, admit=admit,
+            D.decode_pool(model, length_order(prompts), out, admit=admit,
                           batch_size=batch_size, join_rows=join_rows, finished=finished,
                           room=room)
     finally:
@@ -85,7 +89,7 @@ def test_pool_rows_equal_the_slow_reference(tiny, batch_size, monkeypatch):
     assert [len(o) for o in out] == limits
     for prompt, limit, new in zip(prompts, limits, out):
         assert new == slow_greedy(model, prompt, limit, [])
-    assert [i for g in groups for i in g] == E._length_order(prompts)  # joined in length order
+    assert [i for g in groups for i in g] == length_order(prompts)  # joined in length order
     assert max(rows for rows, _ in sizes) <= batch_size and all(len(g) <= 2 for g in groups)
 
 

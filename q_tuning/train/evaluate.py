@@ -4,10 +4,11 @@ reference-solution NLL of an HF checkpoint (the trainer's `--export-hf`, or a GG
     q-tuning-eval --hf-checkpoint outputs/smollm2-gsm/hf --data-path outputs/smollm2-gsm/data/eval.jsonl \\
         --output eval.json --predictions predictions.jsonl
 
-- accuracy: greedy decoding (KV cache, left-padded batches sorted by prompt length, finished
-  rows leave the batch) of the prompt rendered with the model's chat template exactly as the trainer
-  renders the user turn; the answer is the number after the last `####`; exact match of the
-  normalised number with the row's true `answer`. A sequence stops at end of turn or once its
+- accuracy: greedy decoding (KV cache; `--batch-size` rows decode together and a finished row's
+  place goes to the next prompt, in prompt-length order: `q_tuning.train.decoding`) of the prompt
+  rendered with the model's chat template exactly as the trainer renders the user turn; the
+  answer is the number after the last `####`; exact match of the normalised number with the
+  row's true `answer`. A sequence stops at end of turn or once its
   first `####` line (with a number) is complete; at most `--max-new-tokens` (default 256).
 - NLL: teacher-forced, over exactly the tokens the trainer trains on
   (`q_tuning.train.data.tokenize_conversation`); token-weighted corpus mean and mean per sample.
@@ -24,7 +25,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -32,6 +33,9 @@ from q_tuning._files import write_text_atomic
 from q_tuning.config import CommandLineParser, positive_int
 from q_tuning.train.eval_rows import (EvalError, answer_complete, extract_answer,
                                       normalize_number, read_rows)
+
+if TYPE_CHECKING:
+    from q_tuning.train.decoding import Prefilled
 
 JOIN_ROWS = 16  # the most prompts that join the decoding at once (one prompt forward, one NLL)
 
@@ -118,7 +122,7 @@ def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens:
         clock.append(time.perf_counter())
         seconds[stage] += clock[-1] - clock[-2]
 
-    def admit(group: list[int]):
+    def admit(group: list[int]) -> "Prefilled":
         lap("decode")
         state = prefill(model, prompts, group)
         lap("prefill")
@@ -148,7 +152,7 @@ def _continues(sample: tuple[torch.Tensor, torch.Tensor], prompt: list[int]) -> 
     return tokens.numel() > n and tokens[:n].tolist() == prompt and not bool(mask[1:n].any())
 
 
-def _response_nll(model, state, shared: list[int], prompts, samples,
+def _response_nll(model, state: "Prefilled", shared: list[int], prompts, samples,
                   is_number: torch.Tensor) -> list["RowNll"]:
     """NLL of the `shared` rows' responses on top of the batch's prompt cache; the cache is
     cropped back to the prompt afterwards."""
@@ -194,7 +198,7 @@ def _prompt_batches(prompts: Sequence[list[int]], batch_size: int) -> list[list[
     return [order[first:first + batch_size] for first in range(0, len(order), batch_size)]
 
 
-def _decode(model, tokenizer, state, out: list[list[int]], eos: Sequence[int],
+def _decode(model, tokenizer, state: "Prefilled", out: list[list[int]], eos: Sequence[int],
             max_new_tokens: int) -> None:
     """Greedy tokens from a prefilled batch into `out` until every row is `finished`."""
     live, cache, attention, positions, logits = state
