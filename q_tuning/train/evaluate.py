@@ -294,8 +294,8 @@ def load_model(path: str):
     attention without copying the KV heads (`decoding.use_gqa_attention`)."""
     from transformers import AutoModelForCausalLM
 
-    from q_tuning.train.decoding import use_gqa_attention
     from q_tuning.train.assets import load_tokenizer
+    from q_tuning.train.decoding import use_gqa_attention
     from q_tuning.train.model import resolve_checkpoint
 
     try:  # the tokenizer first: a folder without one fails before the (slow) weights load

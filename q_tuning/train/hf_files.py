@@ -101,14 +101,10 @@ def read_hf_checkpoint(path: Union[str, os.PathLike]
     folder, gguf = resolve_checkpoint(path)
     if gguf is None:
         return read_hf_config(folder), _SafetensorsFolder(folder)
-    import transformers
     from transformers import AutoModelForCausalLM
 
-    # transformers >= 4.56 renamed torch_dtype to dtype (the old name warns, then goes in 5.x)
-    old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
-    dtype_kwarg = {"torch_dtype" if old else "dtype": torch.float32}
     model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=gguf,
-                                                 local_files_only=True, **dtype_kwarg)
+                                                 local_files_only=True, dtype=torch.float32)
     return model.config, model.state_dict()
 
 
@@ -148,10 +144,7 @@ def _clean_config(hf_config: "PretrainedConfig", dtype: torch.dtype) -> "Pretrai
             delattr(config, attr)
     if not getattr(config, "architectures", None):
         config.architectures = [hf_architecture(config)]
-    if isinstance(getattr(type(config), "torch_dtype", None), property):
-        config.dtype = dtype        # transformers >= 4.56 (torch_dtype is a deprecated alias)
-    else:
-        config.torch_dtype = dtype
+    config.dtype = dtype  # transformers >= 4.56 (torch_dtype is a deprecated alias)
     return config
 
 
