@@ -3,9 +3,9 @@
     python benchmarks/bench_end_to_end.py --samples 32            # SmolLM2-135M-Instruct, CPU
     python benchmarks/bench_end_to_end.py --samples 16 --tiny     # tiny random model (smoke)
 
-Each setting of `scripts/gsm_grid.py` (full data, random 25%x70%, Q-Tuning 25%x70% and
+Each setting of `experiments/gsm/gsm_grid.py` (full data, random 25%x70%, Q-Tuning 25%x70% and
 12.5%x50%, InfoBatch) trains one epoch over the same `--samples` GSM-Symbolic problems in a child
-process (`python -m q_tuning.train`, as a user runs it); the table gives the process wall time
+process (`python -m q_tuning.sft.train`, as a user runs it); the table gives the process wall time
 (start-up, model load and HF export included), the summed step time, the samples and tokens
 trained and scored, and both times as a ratio to full-data training.
 """
@@ -19,8 +19,8 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "scripts"))
-import gsm_grid  # noqa: E402
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from experiments.gsm import gsm_grid  # noqa: E402
 
 
 def main() -> None:

@@ -49,12 +49,12 @@ def parse_args() -> argparse.Namespace:
 
 def rows_for(args) -> list[dict]:
     """The first N rows of --data-path, topped up with freshly generated held-out problems."""
-    from q_tuning.train.evaluate import read_rows
+    from q_tuning.sft.evaluate.cli import read_rows
 
     missing_default = args.data_path == DEFAULT_DATA and not os.path.exists(DEFAULT_DATA)
     rows = [] if missing_default else read_rows(args.data_path)[:args.num_samples]
     if len(rows) < args.num_samples:
-        from q_tuning.train.gsm_symbolic import build_gsm_splits
+        from experiments.gsm.gsm_symbolic import build_gsm_splits
 
         _, extra = build_gsm_splits(0, args.num_samples - len(rows), seed=4321)
         rows += extra
@@ -64,9 +64,9 @@ def rows_for(args) -> list[dict]:
 def main() -> None:
     args = parse_args()
     on_path()
-    from q_tuning.train import evaluate as E
-    from q_tuning.train.assets import smollm2_gguf_path
-    from q_tuning.train.decoding import use_gqa_attention
+    from q_tuning.sft.evaluate import cli as E
+    from q_tuning.sft.hf.assets import smollm2_gguf_path
+    from q_tuning.sft.evaluate.decoding import use_gqa_attention
 
     rows = rows_for(args)
     model, tokenizer = E.load_model(args.hf_checkpoint or str(smollm2_gguf_path()))
@@ -116,7 +116,7 @@ def main() -> None:
 def compare(old, new, old_s: float, new_s: float, stages: list, pool: int) -> dict:
     """Print and return how one shared run compares with the two passes: time ratio, identical
     tokens, NLL difference, seconds per stage."""
-    from q_tuning.train.evaluate import EvalSeconds
+    from q_tuning.sft.evaluate.cli import EvalSeconds
 
     (gen_a, nll_a), (gen_b, nll_b) = old, new
     same_tokens = gen_a == gen_b

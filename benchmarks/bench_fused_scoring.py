@@ -39,7 +39,7 @@ from bench_common import dispatch, print_table_header
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from q_tuning.fused_stats import fused_nll_entropy  # noqa: E402
-from q_tuning.parallel import scoring  # noqa: E402
+from q_tuning.passes import scoring  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MEMORY_TARGET, TIME_TARGET = 0.10, 1.0

@@ -8,7 +8,7 @@ synchronisations counted in one Q-Tuning step. Its last line is one JSON object 
 `scoring`, `keep_<r>` (time / full step), `padding_full`, `padding_keep_<r>` (padded / real
 tokens in the training micro-batches) and the breakdown.
 
-- `--path trainer` (default): `q_tuning.parallel.training.forward_backward`, as our trainer runs
+- `--path trainer` (default): `q_tuning.passes.training.forward_backward`, as our trainer runs
   it (megatron-core DDP + `get_megatron_optimizer`, Adam).
 - `--path megatron-lm`: through the Megatron-LM adapter (`q_tuning.megatron_lm.step.QTuningStep`)
   around megatron-core's schedule, with micro-batches in Megatron-LM's format (rows of

@@ -31,8 +31,8 @@ def build_model(preset: dict):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
     if preset["real"]:
-        from q_tuning.train.assets import smollm2_gguf_path
-        from q_tuning.train.model import (build_gpt_model_chunks, load_hf_weights,
+        from q_tuning.sft.hf.assets import smollm2_gguf_path
+        from q_tuning.sft.hf.model import (build_gpt_model_chunks, load_hf_weights,
                                           read_hf_config, transformer_config_from_hf)
 
         gguf = str(smollm2_gguf_path())
@@ -63,11 +63,11 @@ def load_batch(preset: dict, seed: int = 0) -> dict:
     """`{"tokens": [...], "loss_masks": [...]}`: the first N real GSM-Symbolic samples tokenized
     as the trainer does, or N random ones (half prompt) for the small preset."""
     if preset["real"]:
-        from q_tuning.train.assets import load_tokenizer
-        from q_tuning.train.data import load_sft_samples
+        from q_tuning.sft.hf.assets import load_tokenizer
+        from q_tuning.sft.data.dataset import load_sft_samples
 
         if not GSM_TRAIN.is_file():
-            from q_tuning.train.gsm_symbolic import build_gsm_splits, write_jsonl_atomic
+            from experiments.gsm.gsm_symbolic import build_gsm_splits, write_jsonl_atomic
 
             train, _ = build_gsm_splits(256, 100, seed=1234, corrupt_fraction=0.1)
             write_jsonl_atomic(GSM_TRAIN, train)
@@ -151,7 +151,7 @@ def caller_outside_torch() -> str:
 # --- our trainer's step ---------------------------------------------------------------------------
 
 class TrainerRunner:
-    """Steps as `q_tuning.train` runs them: pruner, then `forward_backward` and the optimizer."""
+    """Steps as `q_tuning.sft.train` runs them: pruner, then `forward_backward` and the optimizer."""
 
     def __init__(self, model, opt, args, preset) -> None:
         self.model, self.opt, self.args = model, opt, args
@@ -163,7 +163,7 @@ class TrainerRunner:
 
     def _train(self, batch: dict, drawn: dict) -> dict[str, float]:
         """The trainer's `forward_backward_step` on `batch`, pruned from `drawn`."""
-        from q_tuning.parallel.training import forward_backward
+        from q_tuning.passes.training import forward_backward
 
         a, start = self.args, time.perf_counter()
         reference = [t.numel() for t in drawn["tokens"]]
@@ -177,7 +177,7 @@ class TrainerRunner:
         return {"forward_backward": middle - start, "optimizer": time.perf_counter() - middle}
 
     def _padding(self, batch: dict, reference: list[int]) -> float:
-        from q_tuning.parallel.training import training_micro_batches
+        from q_tuning.passes.training import training_micro_batches
 
         micro_batches, _ = training_micro_batches(
             batch, [self.model], micro_batch_size=self.args.micro_batch_size,
@@ -188,7 +188,7 @@ class TrainerRunner:
         self._train(batch, batch)
 
     def scoring(self, batch: dict) -> None:
-        from q_tuning.parallel.scoring import score_samples
+        from q_tuning.passes.scoring import score_samples
 
         a = self.args
         score_samples([self.model], batch["tokens"], batch["loss_masks"],
@@ -364,7 +364,7 @@ def megatron_lm_forward_step(data_iterator, model):
     """`pretrain_gpt.py`'s forward step in miniature, for megatron-core's local attention on CPU:
     packed rows get a block-causal mask from their `cu_seqlens` (transformer-engine would take
     them as THD instead), plain rows the causal one."""
-    from q_tuning.parallel.microbatch import block_causal_mask
+    from q_tuning.passes.microbatch import block_causal_mask
 
     mb = next(data_iterator)
     b, s = mb["tokens"].shape

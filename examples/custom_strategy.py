@@ -9,7 +9,7 @@ This example keeps only the "confidently wrong" corner, Q2 of the EU plane at th
 ratio, and prunes those samples' tokens the Q-Tuning way; run it from the repository root (so that
 `examples` is importable), e.g.
 
-    python -m q_tuning.train --preset smollm2-gsm \\
+    python -m q_tuning.sft.train --preset smollm2-gsm \\
         --q-tuning-strategy examples.custom_strategy.q2_only
 """
 

@@ -11,7 +11,7 @@ Public API:
     StepReport, format_report(report)
 
 Layers: pure tensor functions (token_stats, selection, token_pruning) -> QTuningPruner
-(distributed plumbing in q_tuning.parallel) -> integrations (q_tuning.train, q_tuning.megatron_lm),
+(distributed plumbing in q_tuning.parallel) -> integrations (q_tuning.sft.train, q_tuning.megatron_lm),
 each calling only the layer below.
 """
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from q_tuning.parallel.scoring import TokenScores, target_masks
+from q_tuning.passes.scoring import TokenScores, target_masks
 from q_tuning.selection import SampleSelection
 
 __all__ = ["NLL", "ENTROPY", "LOSS_TOKENS", "LENGTH", "ENTROPY_TOKENS", "GlobalBatch",

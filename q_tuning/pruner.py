@@ -37,7 +37,7 @@ from q_tuning.parallel.rebalance import assign_to_ranks, filler_sample, gather_k
 from q_tuning.global_batch import (ENTROPY, ENTROPY_TOKENS, LENGTH, NLL, GlobalBatch,
                                    loss_targets_only, sample_sums, unscored_scores,
                                    unscored_selection, vocab_size_of)
-from q_tuning.parallel.scoring import ParallelGroups, TokenScores, score_samples
+from q_tuning.passes.scoring import ParallelGroups, TokenScores, score_samples
 from q_tuning.report import StageSeconds, StepReport, Thresholds, format_report
 from q_tuning.selection import SampleSelection, sample_ppl_entropy
 from q_tuning.strategies import (StrategyDecision, StrategyInputs, TokenPruning, decide,

@@ -10,7 +10,7 @@ tolerances likewise (`atol, rtol`: gpu_check.Tolerance).
 
 Models are megatron-core `GPTModel`s with the local (pure PyTorch) layer spec, built with
 `tests/harness/megatron.py`'s config and seeded weights (so the CPU reference process builds the
-same weights), and wrapped as `q_tuning/train/trainer.py` does: `Float16Module` for bf16, DDP with
+same weights), and wrapped as `q_tuning/sft/train/trainer.py` does: `Float16Module` for bf16, DDP with
 fp32 gradient reduction, `get_megatron_optimizer` (Adam), the per-token loss.
 """
 
@@ -42,8 +42,8 @@ from benchmarks.bench_token_stats import naive_token_nll_entropy  # noqa: E402
 from q_tuning import QTuningConfig, QTuningPruner, RunShape  # noqa: E402
 from q_tuning.fused_stats import fused_nll_entropy  # noqa: E402
 from q_tuning.parallel.process_group import join_process_group  # noqa: E402
-from q_tuning.parallel.scoring import TokenScores, score_samples  # noqa: E402
-from q_tuning.parallel.training import forward_backward  # noqa: E402
+from q_tuning.passes.scoring import TokenScores, score_samples  # noqa: E402
+from q_tuning.passes.training import forward_backward  # noqa: E402
 from q_tuning.token_stats import token_nll_entropy  # noqa: E402
 from tests.harness.megatron import (build_tiny_gpt, tiny_gpt_config,  # noqa: E402
                                     tiny_gpt_layer_spec, unwrap)

@@ -35,4 +35,4 @@ export PYTHONPATH="${repo}${PYTHONPATH:+:${PYTHONPATH}}"
 exec "${PYTHON}" -m torch.distributed.run \
     --nnodes "${NNODES}" --node-rank "${NODE_RANK}" --nproc-per-node "${GPUS_PER_NODE}" \
     --master-addr "${MASTER_ADDR}" --master-port "${MASTER_PORT}" \
-    -m q_tuning.train "$@"
+    -m q_tuning.sft.train "$@"

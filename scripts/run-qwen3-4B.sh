@@ -84,7 +84,7 @@ ARGS=(
 
 if [[ "${LAUNCHER:-torchrun}" == "ray" ]]; then
    PYTHONPATH="${SCRIPT_DIR}/..${PYTHONPATH:+:${PYTHONPATH}}" \
-   python3 -m q_tuning.train.ray_launcher \
+   python3 -m q_tuning.sft.train.ray_launcher \
       --actor-num-nodes "${NNODES}" \
       --actor-num-gpus-per-node "${GPUS_PER_NODE}" \
       "${ARGS[@]}"

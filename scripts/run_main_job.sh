@@ -13,5 +13,5 @@ OUT="${OUT:-outputs/smollm2-gsm}"
 export TORCHDYNAMO_DISABLE=1 HF_HUB_OFFLINE=1
 export PYTHONPATH="${PWD}${PYTHONPATH:+:${PYTHONPATH}}"
 start=$(date +%s)
-.venv/bin/python -m q_tuning.train --preset smollm2-gsm --output-dir "${OUT}" "$@"
+.venv/bin/python -m q_tuning.sft.train --preset smollm2-gsm --output-dir "${OUT}" "$@"
 echo "main job: done in $(( $(date +%s) - start )) s"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run tests/test_megatron_lm.py against a Megatron-LM checkout given by path (tested: tag
+# Run tests/integrations/megatron_lm/test_megatron_lm.py against a Megatron-LM checkout given by path (tested: tag
 # core_v0.16.1, which matches megatron-core 0.16.1). Megatron-LM is not on PyPI and none of it is
 # part of this project; clone it yourself, outside this repository:
 #   git clone https://github.com/NVIDIA/Megatron-LM /path/to/Megatron-LM
@@ -30,4 +30,4 @@ trap 'rm -rf "$site"' EXIT
 ln -s "$checkout/megatron" "$site/megatron"
 export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-.venv/bin/python -m pytest -q -ra tests/test_megatron_lm.py "$@"
+.venv/bin/python -m pytest -q -ra tests/integrations/megatron_lm/test_megatron_lm.py "$@"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # q_tuning.slime checks.
 #
-#   scripts/test_slime.sh                 tests/test_slime.py (the CI tests, against the in-project
+#   scripts/test_slime.sh                 tests/integrations/slime/test_slime.py (the CI tests, against the in-project
 #                                         stand-in tests/harness/slime_standin.py)
 #   scripts/test_slime.sh /path/to/slime [/path/to/Megatron-LM] [pytest args...]
 #                                         the same, then
@@ -9,7 +9,7 @@
 #                                            build_dp_schedule gives the same schedules as the
 #                                            stand-in's, and its actor/data-iterator code still has
 #                                            the hook points q_tuning.slime relies on;
-#                                         2. tests/slime_real/check_real_slime.py: slime's real
+#                                         2. tests/integrations/slime_real/check_real_slime.py: slime's real
 #                                            Megatron actor training step on CPU (gloo, 1 and 2
 #                                            processes, saved debug rollout data, no inference
 #                                            engine), with and without Q-Tuning.
@@ -27,7 +27,7 @@ export TORCHDYNAMO_DISABLE=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 PY=.venv/bin/python
 [ -x "$PY" ] || PY=python3
 
-"$PY" -m pytest -q -x tests/test_slime.py
+"$PY" -m pytest -q -x tests/integrations/slime/test_slime.py
 
 SLIME="${1:-}"
 [ -n "$SLIME" ] || exit 0
@@ -104,4 +104,4 @@ EOF
 
 echo "== slime's real Megatron actor step on CPU (slime $SLIME_COMMIT)"
 SLIME_ROOT="$SLIME" MEGATRON_LM_ROOT="$MEGATRON" timeout 3000 \
-    "$PY" -m pytest -q -s -p no:cacheprovider tests/slime_real/check_real_slime.py "$@"
+    "$PY" -m pytest -q -s -p no:cacheprovider tests/integrations/slime_real/check_real_slime.py "$@"

@@ -29,7 +29,7 @@ from typing import Sequence
 
 import torch
 
-from q_tuning.parallel.microbatch import first_fit
+from q_tuning.passes.microbatch import first_fit
 
 PLAIN_KEYS = frozenset({"tokens", "labels", "loss_mask", "position_ids", "attention_mask"})
 PACKED_ONLY = frozenset({"cu_seqlens", "max_seqlen"})

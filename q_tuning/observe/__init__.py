@@ -8,7 +8,7 @@ Public API:
     eu_plane_figure(ppl, entropy, quadrant, kept, ...) -> matplotlib Figure
     log_step(writer, report, decision, step)     TensorBoard scalars and the EU-plane image
 
-The offline counterpart is `q-tuning-analyze` (q_tuning/train/analyze.py). The hook contract is in
+The offline counterpart is `q-tuning-analyze` (q_tuning/sft/analyze/cli.py). The hook contract is in
 docs/hooks.md. matplotlib is imported only when a figure is drawn.
 """
 

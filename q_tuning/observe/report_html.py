@@ -116,7 +116,7 @@ def _card(tokenizer, sample, row: dict, tokens: dict, colors: dict) -> str:
 def write_html(path: pathlib.Path, tokenizer, samples, rows: list[dict], summary: dict,
                picks: dict[int, list[int]], tokens: dict[int, dict], *,
                figure: str = "eu_plane.png") -> None:
-    """The page; `tokens` as `q_tuning.train.analysis.example_tokens` returns them, `figure` the
+    """The page; `tokens` as `q_tuning.sft.analyze.statistics.example_tokens` returns them, `figure` the
     EU-plane PNG beside it."""
     cfg = summary["config"]
     counts = summary["quadrant_counts"]

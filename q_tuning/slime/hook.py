@@ -32,7 +32,7 @@ import torch
 
 from q_tuning.config import SETTINGS, QTuningConfig, RunShape
 from q_tuning.parallel import comm
-from q_tuning.parallel.microbatch import takes_packed_seq_params
+from q_tuning.passes.microbatch import takes_packed_seq_params
 from q_tuning.slime import schedule as S
 
 HOOK_PATH = "q_tuning.slime.postprocess"

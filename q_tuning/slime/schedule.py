@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
-from q_tuning.parallel.microbatch import first_fit
+from q_tuning.passes.microbatch import first_fit
 
 # Fields of rollout_data that describe the schedule, not samples (read by reference by slime's
 # DataIterator and train(): rewritten in place by the hook).

@@ -14,7 +14,7 @@ def save_tiny_llama(folder: Path, cache_dir: Path) -> None:
     depend on the input and are far from ties, saved with the tokenizer into `folder`."""
     import transformers
 
-    from q_tuning.train.assets import load_tokenizer
+    from q_tuning.sft.hf.assets import load_tokenizer
 
     tokenizer = load_tokenizer(cache_dir=cache_dir)
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32,

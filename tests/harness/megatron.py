@@ -471,7 +471,7 @@ class PackedSeqDotProductAttention(ContextParallelDotProductAttention):
     `packed_seq_params.cu_seqlens_q`; causal attention within each segment; output
     `[t, np*hn]`. Without packed_seq_params it is the parent (the mask path)."""
 
-    accepts_packed_seq_params = True  # what q_tuning.parallel.microbatch looks for
+    accepts_packed_seq_params = True  # what q_tuning.passes.microbatch looks for
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):

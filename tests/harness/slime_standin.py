@@ -29,7 +29,7 @@ from functools import partial
 
 import torch
 
-from q_tuning.parallel.microbatch import first_fit
+from q_tuning.passes.microbatch import first_fit
 
 # --- parse_args ----------------------------------------------------------------------------------
 

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from q_tuning import QTuningConfig, QTuningPruner
 from q_tuning.fused_stats import fused_nll_entropy
-from q_tuning.parallel import scoring
+from q_tuning.passes import scoring
 from tests.harness.fixtures import MODEL, dp_share
 from tests.harness.megatron import build_tiny_gpt, parallel_world, unwrap
 

@@ -29,7 +29,7 @@ def convert_and_run(rank: int, world_size: int, layouts: list, cases: list, toke
     """
     from megatron.core import parallel_state as ps
 
-    from q_tuning.train import model as qm
+    from q_tuning.sft.hf import model as qm
     from tests.harness import megatron as h
 
     tokens = torch.from_numpy(tokens)

@@ -62,7 +62,7 @@ def observe_worker(rank, world_size, out_dir: str, tb_dir: str, plot_every: int,
                    image_every: int, analyze_argvs: list[list[str]]):
     """`hooks_worker`, then `q-tuning-analyze` once per argv in the same process group (as under
     torchrun): one spawn and one set of imports for all the distributed checks."""
-    from q_tuning.train import analyze
+    from q_tuning.sft.analyze import cli as analyze
 
     steps = hooks_worker(rank, world_size, out_dir, tb_dir, plot_every, image_every)
     summaries = []

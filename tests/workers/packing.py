@@ -12,7 +12,7 @@ def layout_grads_worker(rank, world_size, batch: dict, micro_batch_size: int,
                         max_tokens_per_row: int | None, padding_reference=None):
     """`forward_backward` on `batch` (length-bucketed or packed by `plan_rows`); returns the full
     gradients and the rows per micro-batch that the step ran."""
-    from q_tuning.parallel.training import forward_backward, training_micro_batches
+    from q_tuning.passes.training import forward_backward, training_micro_batches
 
     with parallel_world():
         chunks = wrap_ddp(build_tiny_gpt(**MODEL, seq_len=SEQ_LEN))

@@ -58,7 +58,7 @@ def train_step_worker(rank, world_size, tp, pp, cp, vpp, config: dict, batch: di
                       micro_batch_size: int):
     """One pruned step: prune, then forward-backward on the new batch with DDP and the per-token
     loss. Returns the full gradients, the kept masks, and every training forward's input rows."""
-    from q_tuning.parallel.training import forward_backward
+    from q_tuning.passes.training import forward_backward
 
     with parallel_world(tp=tp, pp=pp, cp=cp, vpp=vpp):
         chunks = wrap_ddp(build_tiny_gpt(**MODEL))

@@ -63,8 +63,8 @@ def _kill_in_save(iteration: int) -> None:
 
 
 def main(argv: list[str]) -> None:
-    from q_tuning.train.__main__ import main as trainer_main
-    from q_tuning.train.arguments import parse_args
+    from q_tuning.sft.train.__main__ import main as trainer_main
+    from q_tuning.sft.train.arguments import parse_args
 
     out = pathlib.Path(parse_args(argv).output_dir)
     if (out / "kill_in_save_at").is_file():
@@ -110,7 +110,7 @@ def _faults(faults: dict, rank: int, record: dict):
 
             stack.enter_context(_patched(filesystem_async, "_write_item", write_item))
         if "nan_grad_on_rank" in faults:  # NaN loss and gradients on rank R at iteration `at`
-            from q_tuning.parallel import training
+            from q_tuning.passes import training
 
             target_rank, at = faults["nan_grad_on_rank"]
             original_fb = training.forward_backward
@@ -150,7 +150,7 @@ def _faults(faults: dict, rank: int, record: dict):
 
             stack.enter_context(_patched(pruner, "score_samples", score_samples))
         if "data_error_on_rank" in faults:  # rank R cannot read its data
-            from q_tuning.train import data
+            from q_tuning.sft.data import dataset as data
 
             target_rank = faults["data_error_on_rank"]
             original_from = data.SFTDataset.from_jsonl
@@ -162,7 +162,7 @@ def _faults(faults: dict, rank: int, record: dict):
 
             stack.enter_context(_patched(data.SFTDataset, "from_jsonl", from_jsonl))
         if "unwritable_save_on_rank" in faults:  # rank R cannot write into --save
-            from q_tuning.train import checkpointing
+            from q_tuning.sft.checkpoint import files as checkpointing
 
             target_rank = faults["unwritable_save_on_rank"]
             original_check = checkpointing.check_writable
@@ -175,7 +175,7 @@ def _faults(faults: dict, rank: int, record: dict):
 
             stack.enter_context(_patched(checkpointing, "check_writable", check_writable))
         if "watch_model_load" in faults:  # did the weights load before the failure?
-            from q_tuning.train import model
+            from q_tuning.sft.hf import model
 
             original_load = model.load_hf_weights
 
@@ -194,8 +194,8 @@ def run_scenarios(rank: int, world_size: int,
     the next one's clean start."""
     import multiprocessing
 
-    from q_tuning.train.__main__ import run
-    from q_tuning.train.arguments import parse_args
+    from q_tuning.sft.train.__main__ import run
+    from q_tuning.sft.train.arguments import parse_args
 
     # megatron's dist_checkpointing forks writer processes; a daemonic process may not
     # (see tests/workers/trainer.py).

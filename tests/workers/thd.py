@@ -3,8 +3,8 @@ megatron's PackedSeqParams, as transformer-engine's does) vs the block-diagonal 
 
 from __future__ import annotations
 
-from q_tuning.parallel.scoring import score_samples
-from q_tuning.parallel.training import forward_backward
+from q_tuning.passes.scoring import score_samples
+from q_tuning.passes.training import forward_backward
 from tests.harness.fixtures import MODEL, global_batch, wrap_ddp
 from tests.harness.megatron import build_tiny_gpt, full_state_dict, parallel_world, unwrap
 

@@ -1,4 +1,4 @@
-"""Spawned ranks of tests/test_trainer.py: the real trainer (`q_tuning.train.__main__.run`) on a
+"""Spawned ranks of tests/test_trainer.py: the real trainer (`q_tuning.sft.train.__main__.run`) on a
 tiny random HF Llama, inside `tests.harness.launch.run_distributed` (gloo already initialised)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ def make_assets(root: str, tokenizer_cache: str) -> dict:
     JSONL files (good with one multi-turn and one no-assistant record; malformed on line 2)."""
     import transformers
 
-    from q_tuning.train.assets import load_tokenizer
+    from q_tuning.sft.hf.assets import load_tokenizer
 
     root = pathlib.Path(root)
     tokenizer = load_tokenizer(cache_dir=tokenizer_cache)
@@ -66,8 +66,8 @@ def run_many(rank: int, world_size: int, runs: list[tuple[str, list[str]]]) -> d
     """Run the trainer once per (name, argv), in order; {name: {"history" | "error", "hook"}}."""
     import multiprocessing
 
-    from q_tuning.train.__main__ import run
-    from q_tuning.train.arguments import parse_args
+    from q_tuning.sft.train.__main__ import run
+    from q_tuning.sft.train.arguments import parse_args
 
     # megatron's dist_checkpointing writes through worker processes it forks (and joins before
     # `save` returns); Python refuses to start children from a daemonic process, which is what

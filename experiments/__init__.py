@@ -1,0 +1,1 @@
+"""Experiments outside the package: the reproduction grids, their data generators and records."""

@@ -1,0 +1,1 @@
+"""Passes that run megatron-core's schedules: scoring, the gradient step, micro-batches."""

@@ -1,0 +1,1 @@
+"""SFT data: conversation formats and the tokenised dataset the trainer reads."""

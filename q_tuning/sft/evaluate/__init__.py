@@ -1,0 +1,1 @@
+"""Held-out evaluation (`q-tuning-eval`): entry point, rows, batched greedy decoding."""

@@ -1,0 +1,1 @@
+"""HF checkpoints: config and weight conversion to megatron-core, files, installed assets."""
