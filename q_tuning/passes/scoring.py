@@ -206,14 +206,9 @@ def _fall_back(reason: str, groups: "ParallelGroups") -> None:
     if reason in _LOGGED:
         return
     _LOGGED.add(reason)
-    if all(_rank(g) == 0 for g in (groups.tp, groups.cp, groups.dp)):
+    if all(comm.rank_in(g) == 0 for g in (groups.tp, groups.cp, groups.dp)):
         logger.warning("Q-Tuning scoring: fused output-layer statistics unavailable (%s); "
                        "scoring with the logits path", reason)
-
-
-def _rank(group) -> int:
-    dist = torch.distributed
-    return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0
 
 
 # --- per micro-batch ------------------------------------------------------------------------------
