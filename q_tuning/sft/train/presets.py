@@ -56,12 +56,28 @@ def _prepare_smollm2_gsm(args: Any) -> None:
     if args.data_path is None:
         data_dir = pathlib.Path(args.output_dir) / "data"
         args.data_path = [str(data_dir / "train.jsonl")]
-        _run_on_rank_zero(lambda: _write_gsm_data(data_dir, seed=args.seed))
+        generator = _gsm_generator()  # on every rank: a missing one fails them all, none waits
+        _run_on_rank_zero(lambda: _write_gsm_data(generator, data_dir, seed=args.seed))
 
 
-def _write_gsm_data(data_dir: pathlib.Path, *, seed: int) -> None:
+def _gsm_generator():
+    """`experiments/gsm/gsm_symbolic.py`: it lives in the repository, not in the installed
+    package, so the generated data needs the repository root on the import path."""
+    try:
+        from experiments.gsm import gsm_symbolic
+    except ModuleNotFoundError as err:
+        if err.name not in ("experiments", "experiments.gsm", "experiments.gsm.gsm_symbolic"):
+            raise
+        raise FileNotFoundError(
+            "--preset smollm2-gsm generates its data with experiments/gsm/gsm_symbolic.py, which "
+            "is in the q_tuning repository, not in the installed package: run it from the "
+            "repository root (bash scripts/run_main_job.sh, or python -m q_tuning.sft.train) or "
+            "give --data-path") from None
+    return gsm_symbolic
+
+
+def _write_gsm_data(generator, data_dir: pathlib.Path, *, seed: int) -> None:
     from q_tuning._files import write_text_atomic
-    from experiments.gsm.gsm_symbolic import build_gsm_splits, write_jsonl_atomic
 
     meta = {"train_size": GSM_TRAIN_SIZE, "eval_size": GSM_EVAL_SIZE,
             "corrupt_fraction": GSM_CORRUPT_FRACTION, "seed": seed}
@@ -73,10 +89,10 @@ def _write_gsm_data(data_dir: pathlib.Path, *, seed: int) -> None:
                 return
         except json.JSONDecodeError:
             pass  # regenerate
-    train, held_out = build_gsm_splits(GSM_TRAIN_SIZE, GSM_EVAL_SIZE, seed=seed,
-                                       corrupt_fraction=GSM_CORRUPT_FRACTION)
-    write_jsonl_atomic(data_dir / "train.jsonl", train)
-    write_jsonl_atomic(data_dir / "eval.jsonl", held_out)
+    train, held_out = generator.build_gsm_splits(GSM_TRAIN_SIZE, GSM_EVAL_SIZE, seed=seed,
+                                                 corrupt_fraction=GSM_CORRUPT_FRACTION)
+    generator.write_jsonl_atomic(data_dir / "train.jsonl", train)
+    generator.write_jsonl_atomic(data_dir / "eval.jsonl", held_out)
     # Written last: its presence says the two files above are complete.
     write_text_atomic(meta_path, json.dumps(meta))
     logger.info("generated %d GSM-Symbolic training problems (%d corrupted) and %d held-out "
