@@ -1,4 +1,4 @@
-"""q_tuning.sft: a megatron-core SFT trainer with Q-Tuning (data, model import, training loop).
+"""The SFT stack: the commands on top of the plugin (train, evaluate, analyze), a room per job.
 
-The trainer is separate from the plugin core (`q_tuning`): it only calls the public API above it.
+The plugin (the rest of `q_tuning`) never imports it; it only calls the plugin's public API.
 """

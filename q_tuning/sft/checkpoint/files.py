@@ -1,4 +1,4 @@
-"""Checkpoints: megatron-core `dist_checkpointing` for model and optimizer, plus trainer state.
+"""Checkpoint files: megatron-core `dist_checkpointing` for model and optimizer, plus trainer state.
 
 Public API:
     TRACKER_FILE
@@ -41,7 +41,7 @@ the next save of that iteration replaces it). A save that fails on any rank (no 
 I/O error) raises `CheckpointSaveError` on every rank, naming the incomplete folder (removed, to
 give the space back) and the latest complete checkpoint, which stays as it was.
 
-The model, RNG and optimizer pieces of the state are built in `checkpoint_state`.
+The model, RNG and optimizer pieces of the state are built in `checkpoint.state`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""The trainer's checkpoint decisions: what a checkpoint must share with this run, whether and
-from where to resume, when to save, and the HF export at the end. The files themselves are
-`checkpointing`'s.
+"""When to checkpoint: what a checkpoint must share with this run, whether and from where to
+resume, when to save, and the HF export at the end. The files themselves are
+`checkpoint.files`'s.
 
 Public API:
     TrainState                 the run's position and counters (what `save` records)

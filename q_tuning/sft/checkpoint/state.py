@@ -1,5 +1,6 @@
-"""What a checkpoint holds besides the trainer's own dict: the model's sharded state, every rank's
-RNG states, and the fixes two megatron-core 0.16 quirks of the distributed optimizer need.
+"""Checkpoint state: what a checkpoint holds besides the trainer's own dict: the model's sharded
+state, every rank's RNG states, and the fixes two megatron-core 0.16 quirks of the distributed
+optimizer need.
 
 Public API:
     RNG_KEY

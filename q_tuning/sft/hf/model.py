@@ -25,9 +25,9 @@ Typical use (every rank, after `parallel_state.initialize_model_parallel`)::
     ...
     save_hf_checkpoint(chunks, hf_config, tokenizer, "out/hf")       # collective
 
-Where each part lives: `hf_config` (architectures, `TransformerConfig`, building the chunks),
-`hf_weights` (the HF <-> megatron name mapping and conversion, with its composability notes),
-`hf_files` (reading and writing HF folders). This module is their one import point and adds the
+Where each part lives: `config` (architectures, `TransformerConfig`, building the chunks),
+`weights` (the HF <-> megatron name mapping and conversion, with its composability notes),
+`files` (reading and writing HF folders). This module is their one import point and adds the
 collective save.
 """
 

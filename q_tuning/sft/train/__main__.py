@@ -10,7 +10,7 @@
         --save ckpt --load ckpt --tensorboard-dir tb --export-hf out/hf
 
     # several processes / nodes: torchrun (scripts/launch_torchrun.sh) or Ray
-    # (python -m q_tuning.sft.train.ray_launcher --actor-num-nodes 1 --actor-num-gpus-per-node 8 ...)
+    # (python -m q_tuning.sft.train.ray_launcher --actor-num-nodes 1 --actor-num-gpus-per-node 8)
 
 Bad input (missing or malformed data, unsupported architecture, parallel sizes that do not divide,
 an incompatible --load checkpoint, an output folder that cannot be written) ends with one
@@ -85,7 +85,7 @@ def _runtime_failure(err: RuntimeError, args: argparse.Namespace) -> Optional[st
 
 def run(args: argparse.Namespace) -> list[dict]:
     """Train as `args` say (every rank); returns the logged metrics. Raises ValueError /
-    FileNotFoundError for bad input, `checkpointing.CheckpointSaveError` for a checkpoint that
+    FileNotFoundError for bad input, `checkpoint.files.CheckpointSaveError` for a checkpoint that
     could not be written."""
     from q_tuning.sft.train.arguments import check_writable_paths
     from q_tuning.sft.runtime import quiet_expected_warnings

@@ -5,9 +5,10 @@ Public API:
     Trainer.train() -> list[dict]     the logged metrics, one dict per log step
     Trainer.close()
 
-The parts it holds: `components` builds the model, optimizer and data, `checkpointer.Checkpointer`
-decides about saving, resuming and the HF export, `metrics.MetricsLogger` writes the log lines
-and TensorBoard; `runtime` has the process group, `progress` and the SIGTERM flag.
+The parts it holds: `components` builds the model, optimizer and data,
+`checkpoint.policy.Checkpointer` decides about saving, resuming and the HF export,
+`metrics.MetricsLogger` writes the log lines and TensorBoard; `runtime` has the process group,
+`progress` and the SIGTERM flag.
 
 One step (`train_step`), on every rank:
 1. the dataset's next global batch (G samples; ceil(G / r) under Q-Tuning's `refill` policy);
@@ -29,8 +30,8 @@ Failures (docs/user_guide.md, "Failures and recovery"): `--exit-signal-handler` 
 `--exit-duration-in-mins` are agreed on by all ranks once per iteration (`comm.any_rank`), then
 every rank stops after that iteration, saves and returns normally; `--check-for-nan-in-loss-and-
 grad` (on by default) agrees before each optimizer step whether any rank's loss or gradients are
-non-finite, and then skips that step on every rank; a failed save raises
-`checkpointing.CheckpointSaveError` on every rank; data that fails to load on any rank, or differs
+non-finite, and then skips that step on every rank; a failed save raises on every rank
+`checkpoint.files.CheckpointSaveError`; data that fails to load on any rank, or differs
 between ranks, is an error on every rank before the model is built.
 
 Composability: TP / PP / VPP / CP are megatron-core's (model chunks from
