@@ -28,7 +28,7 @@ SELECTION_RULES = ("paper", "exact")  # SPEC section 7 (paper) and section 3 (ex
 TOKEN_BUDGETS = ("per-sample", "global")
 ENTROPY_SCOPES = ("response", "sequence")
 # q_tuning.strategies.STRATEGIES, repeated here so the flags parse without importing torch code
-# (tests/test_config.py checks that the two agree).
+# (tests/unit/test_config.py checks that the two agree).
 STRATEGY_NAMES = ("eu_plane", "random", "ppl_high", "ppl_low", "entropy_high", "entropy_low",
                   "infobatch")
 

@@ -2,7 +2,7 @@
 statistics (SPEC section 1), without ever forming the `[tokens, vocab]` logits.
 
 The meaning of `fused_nll_entropy` is the short reference it must equal (kept in
-tests/test_fused_stats.py):
+tests/distributed/test_fused_stats.py):
 
     logits = hidden.to(weight.dtype) @ weight.T            # [n, V/tp], as the output layer does
     logits = logits + bias                                   # if any, also in the weight's dtype

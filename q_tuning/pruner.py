@@ -7,7 +7,7 @@ masks pruned; dropped samples are gone from the returned batch, so the gradient 
 them (the compute saving). The decision is taken on the whole global batch and is bit-identical
 on every rank:
 
-1. score (`_score`): `parallel.scoring.score_samples`, TP/PP/CP inside (see its docstring);
+1. score (`_score`): `passes.scoring.score_samples`, TP/PP/CP inside (see its docstring);
 2. gather (`_gather`): per-sample sums (NLL, entropy, loss tokens, length) all-gathered over DP in
    DP-rank order;
 3. decide (`_select`): every rank runs the strategy (`select_samples` for Q-Tuning, or a baseline

@@ -1,7 +1,7 @@
 """Per-token negative log-likelihood and predictive entropy (SPEC section 1).
 
 The meaning of `token_nll_entropy` is the short reference it must equal (kept in
-tests/test_token_stats.py), evaluated in float64 over the whole vocabulary:
+tests/distributed/test_token_stats.py), evaluated in float64 over the whole vocabulary:
 
     lp = torch.log_softmax(logits.double(), dim=-1)
     nll = -lp.gather(-1, targets[..., None])[..., 0]

@@ -1,4 +1,4 @@
-"""Rank workers for tests/test_fused_stats.py (module level, so spawned processes import them)."""
+"""Rank workers for tests/distributed/test_fused_stats.py (module level, for spawned ranks)."""
 
 from __future__ import annotations
 

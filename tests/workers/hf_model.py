@@ -1,4 +1,4 @@
-"""Spawned ranks of tests/test_hf_model.py: HF folder -> megatron split -> logits and export."""
+"""Spawned ranks of tests/sft/test_hf_model.py: HF folder -> megatron split -> logits and export."""
 
 from __future__ import annotations
 

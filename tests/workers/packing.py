@@ -1,4 +1,4 @@
-"""Rank workers for tests/test_packing.py (module level, so spawned processes can import them)."""
+"""Rank workers for tests/distributed/test_packing.py (module level: spawned ranks import them)."""
 
 from __future__ import annotations
 

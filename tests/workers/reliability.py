@@ -1,4 +1,4 @@
-"""Worker side of tests/test_reliability.py: faults injected into the real trainer.
+"""Worker side of tests/sft/test_reliability.py: faults injected into the real trainer.
 
 Two ways in:
 - `run_scenarios` runs inside `tests.harness.launch.run_distributed` (2 gloo processes, one

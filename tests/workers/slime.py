@@ -1,4 +1,4 @@
-"""Rank workers for tests/test_slime.py (module level, so spawned processes can import them)."""
+"""Rank workers for tests/integrations/slime/test_slime.py (module level, for spawned ranks)."""
 
 from __future__ import annotations
 

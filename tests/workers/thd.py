@@ -1,5 +1,6 @@
-"""Rank workers for tests/test_thd.py: packed rows through the THD path (a test attention taking
-megatron's PackedSeqParams, as transformer-engine's does) vs the block-diagonal mask path."""
+"""Rank workers for tests/distributed/test_thd.py: packed rows through the THD path (a test
+attention taking megatron's PackedSeqParams, as transformer-engine's does) vs the block-diagonal
+mask path."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Spawned ranks of tests/test_trainer.py: the real trainer (`q_tuning.sft.train.__main__.run`) on a
-tiny random HF Llama, inside `tests.harness.launch.run_distributed` (gloo already initialised)."""
+"""Spawned ranks of tests/sft/test_trainer.py: the real trainer
+(`q_tuning.sft.train.__main__.run`) on a tiny random HF Llama, inside
+`tests.harness.launch.run_distributed` (gloo already initialised)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Test-only: every Python process started with this directory on PYTHONPATH (torchrun and its
 workers) runs slime's Megatron actor on CPU when Q_TUNING_SLIME_CPU=1 (set by
-tests/slime_real/harness.py `launch_env()`); never used in production.
+tests/integrations/slime_real/harness.py `launch_env()`); never used in production.
 
 1. the Megatron-LM CPU shims of tests/harness/megatron_lm_site/sitecustomize.py (megatron-core's
    CUDA hard-codes redirected to CPU, `torch.cuda.is_available()` answering True, as
