@@ -23,14 +23,14 @@ one endless line, so instead one plain line every `interval` seconds (default 30
 $Q_TUNING_PROGRESS_INTERVAL), written by a daemon thread so that an item that takes minutes still
 shows the job is alive:
 
-    decoding: 120/1000 rows (4.1 rows/s, 183 tokens/s, ETA 3:34)
+    decoding: 120/1000 rows (4.1 rows/s, 183 tokens/s, ETA 03:34)
     loading weights from x.gguf: still running (30 s)
-    decoding: done, 1000/1000 rows in 4:02 (4.1 rows/s, 182 tokens/s)
+    decoding: done, 1000/1000 rows in 04:02 (4.1 rows/s, 182 tokens/s)
 
 The first line ("<what> ...") and the last ("<what>: done ...") are printed in both modes, and
 go to `log` (a logging.Logger: the tool's own log file gets them) when one is given, else to
 `stream`; the periodic lines follow them. A Progress opened inside another (the tensors of a
-load inside the trainer's "loading weights") speaks alone until it closes. Only global rank 0 prints (`enabled` defaults to it:
+load inside the trainer's "loading weights") speaks alone until it closes, into the same `log`. Only global rank 0 prints (`enabled` defaults to it:
 every rank may create the same Progress). `$Q_TUNING_PROGRESS` forces a mode: `bar` (a bar even
 into a file), `lines`, `off`, or `auto` (the default: bar on a terminal, else lines).
 """
@@ -82,7 +82,7 @@ def _interval() -> float:
 
 
 def _duration(seconds: float) -> str:
-    """`42 s` below a minute, else tqdm's `m:ss` / `h:mm:ss`."""
+    """`42 s` below a minute, else tqdm's `mm:ss` / `h:mm:ss`."""
     if seconds < 60:
         return f"{seconds:.0f} s"
     from tqdm import tqdm
@@ -107,7 +107,8 @@ class Progress:
         self.what, self.total, self.unit, self.rate_unit = what, total, unit or "items", rate_unit
         self.counted = unit is not None or total is not None
         self.stream = sys.stderr if stream is None else stream
-        self.log, self.clock = log, clock
+        self.log = log if log is not None or not _OPEN else _OPEN[-1].log
+        self.clock = clock
         self.mode = (mode or progress_mode(self.stream)) if enabled else "off"
         self.interval = interval if interval is not None else _interval()
         self.done = self.extra = 0
