@@ -151,3 +151,14 @@ def test_eval_prints_rows_and_tokens_per_second(tmp_path_factory, monkeypatch, c
     (done,) = [line for line in err if line.startswith("decoding: done")]
     assert re.fullmatch(r"decoding: done, 5/5 rows in \d+ s \(\d+\.\d rows/s, \d+ tokens/s\)",
                         done), done
+
+
+def test_interval_comes_from_the_environment_and_is_checked(monkeypatch):
+    from q_tuning.observe.progress import INTERVAL_ENV
+
+    monkeypatch.setenv(INTERVAL_ENV, "2.5")
+    assert Progress("x", enabled=False).interval == 2.5
+    for bad in ("0", "-1", "soon", "nan"):
+        monkeypatch.setenv(INTERVAL_ENV, bad)
+        with pytest.raises(ValueError, match=f"{INTERVAL_ENV} must be a number > 0"):
+            Progress("x", enabled=False)

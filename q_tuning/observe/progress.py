@@ -44,6 +44,8 @@ import threading
 import time
 from typing import Callable, Optional, TextIO
 
+from q_tuning.observe.env import env_number
+
 __all__ = ["INTERVAL_ENV", "MODE_ENV", "Progress", "progress_mode"]
 
 MODE_ENV = "Q_TUNING_PROGRESS"
@@ -68,17 +70,7 @@ def progress_mode(stream: Optional[TextIO] = None) -> str:
 
 
 def _interval() -> float:
-    text = os.environ.get(INTERVAL_ENV, "")
-    if not text:
-        return DEFAULT_INTERVAL
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise ValueError(f"environment variable {INTERVAL_ENV} must be a number of seconds > 0, "
-                         f"got {text!r}")
-    return value
+    return env_number(INTERVAL_ENV, DEFAULT_INTERVAL, parse=float, minimum=0.0, strict=True)
 
 
 def _duration(seconds: float) -> str:

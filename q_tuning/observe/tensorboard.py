@@ -27,11 +27,11 @@ Images: each writer's `image_every` (TensorBoard: `$Q_TUNING_TB_IMAGE_EVERY`, el
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import torch
 
+from q_tuning.observe.env import env_number
 from q_tuning.observe.plot import eu_plane_figure, figure_to_rgb
 from q_tuning.observe.writers import TensorBoardWriter, Writers, as_writer
 from q_tuning.report import StepReport
@@ -112,14 +112,4 @@ def tb_image_every(image_every: int | None = None) -> int:
     """`image_every`, else `$Q_TUNING_TB_IMAGE_EVERY`, else 10 (ValueError naming the variable)."""
     if image_every is not None:
         return image_every
-    text = os.environ.get(IMAGE_EVERY_ENV, "")
-    if not text:
-        return DEFAULT_IMAGE_EVERY
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise ValueError(f"environment variable {IMAGE_EVERY_ENV} must be an integer >= 0, "
-                         f"got {text!r}")
-    return value
+    return env_number(IMAGE_EVERY_ENV, DEFAULT_IMAGE_EVERY)
