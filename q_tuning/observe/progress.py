@@ -27,9 +27,9 @@ shows the job is alive:
     loading weights from x.gguf: still running (30 s)
     decoding: done, 1000/1000 rows in 04:02 (4.1 rows/s, 182 tokens/s)
 
-The first line ("<what> ...") and the last ("<what>: done ...") are printed in both modes, and
-go to `log` (a logging.Logger: the tool's own log file gets them) when one is given, else to
-`stream`; the periodic lines follow them. A Progress opened inside another (the tensors of a
+The first line ("<what> ...") and the last ("<what>: done ...") are printed in both modes; they
+and the periodic lines go to `log` (a logging.Logger: the tool's own log file gets them) when one
+is given, else to `stream`; a bar always draws on `stream`. A Progress opened inside another (the tensors of a
 load inside the trainer's "loading weights") speaks alone until it closes, into the same `log`. Only global rank 0 prints (`enabled` defaults to it:
 every rank may create the same Progress). `$Q_TUNING_PROGRESS` forces a mode: `bar` (a bar even
 into a file), `lines`, `off`, or `auto` (the default: bar on a terminal, else lines).
@@ -174,7 +174,7 @@ class Progress:
             if _OPEN and _OPEN[-1] is not self:
                 continue  # an inner wait (weights inside an export) speaks for both
             if self.mode == "lines":
-                print(self.status(), file=self.stream, flush=True)
+                self._say(self.status())
             elif self._bar is not None:
                 self._bar.refresh()
 

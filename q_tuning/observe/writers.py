@@ -114,8 +114,8 @@ class WandbWriter(MetricWriter):
 
 
 class Writers(MetricWriter):
-    """Every writer in `writers` gets every call; images go to those whose step is due
-    (`wants_image`). Empty: every call does nothing."""
+    """Every writer in `writers` gets every call (`log_step` sends images only to
+    `image_writers(step)`). Empty: every call does nothing."""
 
     def __init__(self, writers: Iterable[Optional[MetricWriter]] = ()):
         self.writers = [w for w in writers if w is not None]
@@ -126,6 +126,14 @@ class Writers(MetricWriter):
     def scalars(self, values: Mapping[str, float], step: int) -> None:
         for w in self.writers:
             w.scalars(values, step)
+
+    def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
+        for w in self.writers:
+            w.image(tag, rgb, step)
+
+    def histogram(self, tag: str, values: Any, step: int) -> None:
+        for w in self.writers:
+            w.histogram(tag, values, step)
 
     def image_writers(self, step: int) -> list[MetricWriter]:
         """The writers whose `image_every` is due at `step` (step 1 always, when not 0)."""
