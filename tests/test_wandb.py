@@ -68,28 +68,48 @@ def test_without_wandb_installed_the_flag_is_a_start_up_error(monkeypatch, capsy
 # --- the trainer, offline ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def offline_run(tmp_path_factory):
+def assets(tmp_path_factory):
     from tests.workers import trainer as W_trainer
 
-    root = tmp_path_factory.mktemp("wandb")
-    assets = W_trainer.make_assets(str(root / "assets"),
-                                   str(tmp_path_factory.getbasetemp() / "q_tuning_cache"))
-    out = root / "run"
+    return W_trainer.make_assets(str(tmp_path_factory.mktemp("wandb_assets")),
+                                 str(tmp_path_factory.getbasetemp() / "q_tuning_cache"))
+
+
+def _train(assets, out, world: int, iters: int) -> list:
+    """`q-tuning-train` with W&B offline on `world` processes; each rank's history."""
+    from tests.workers import trainer as W_trainer
+
     argv = ["--hf-checkpoint", assets["llama"], "--data-path", assets["data"],
             "--global-batch-size", str(G), "--micro-batch-size", "2", "--seq-length", "64",
-            "--lr", "1e-3", "--seed", "7", "--train-iters", str(ITERS), "--no-save",
+            "--lr", "1e-3", "--seed", "7", "--train-iters", str(iters), "--no-save",
             "--output-dir", str(out), "--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.5",
             "--q-tuning-token-keep-ratio", "0.7", "--wandb-project", "q-tuning-test",
             "--wandb-exp-name", "tiny", "--wandb-eu-plane-every", "2"]
     mp = pytest.MonkeyPatch()
-    mp.setenv("WANDB_MODE", "offline")  # the spawned rank inherits it: no network
+    mp.setenv("WANDB_MODE", "offline")  # the spawned ranks inherit it: no network
     mp.setenv("WANDB_SILENT", "true")
     try:
-        (results,) = run_distributed(W_trainer.run_many, 1, [("wandb", argv)], timeout=TIMEOUT)
+        results = run_distributed(W_trainer.run_many, world, [("wandb", argv)], timeout=TIMEOUT)
     finally:
         mp.undo()
-    assert results["wandb"]["error"] is None, results["wandb"]["error"]
-    return out, results["wandb"]["history"]
+    for r in results:
+        assert r["wandb"]["error"] is None, r["wandb"]["error"]
+    return [r["wandb"]["history"] for r in results]
+
+
+@pytest.fixture(scope="module")
+def offline_run(assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wandb") / "run"
+    (history,) = _train(assets, out, 1, ITERS)
+    return out, history
+
+
+def test_two_processes_write_one_run_from_rank_zero(assets, tmp_path):
+    from tests.harness.wandb_offline import history, offline_run_file
+
+    _train(assets, tmp_path / "run", 2, 1)
+    rows = history(offline_run_file(tmp_path / "run" / "wandb"))  # asserts there is one run
+    assert [row["_step"] for row in rows if "q_tuning/kept_samples" in row] == [1]
 
 
 def _by_step(rows: list[dict]) -> dict[int, dict]:
