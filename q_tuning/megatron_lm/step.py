@@ -29,7 +29,8 @@ training call:
    position's id is clamped to the last row of the table for the scoring forward only
    (`scoring_positions_clamped`): causal attention keeps it out of every other position, so the
    statistics of all `s` targets are exactly those of Megatron's own forward over its `s`
-   positions;
+   positions. The step's Q-Tuning scalars go to Megatron-LM's own TensorBoard and W&B writers
+   (`megatron_writers`), at Megatron's iteration;
 5. rebuilds micro-batches in the drained format from the kept samples, pads with all-zero
    loss-mask rows/micro-batches to the same count on every DP rank (rounded up to the virtual
    pipeline group size), and calls the real function with fresh `RerunDataIterator`s over them and
@@ -56,6 +57,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import sys
 import zlib
 from typing import Any, Callable
 
@@ -65,6 +67,8 @@ from q_tuning.config import QTuningConfig, RunShape
 from q_tuning.megatron_lm.batches import (UnsupportedBatch, micro_batches_to_samples,
                                           num_micro_batches, padded_masks, plan_rows, row_format,
                                           samples_to_rows, trim_to_targets, untrim)
+from q_tuning.observe.tensorboard import IMAGE_EVERY_ENV, log_step, tb_image_every
+from q_tuning.observe.writers import TensorBoardWriter, WandbWriter, Writers
 from q_tuning.parallel import comm
 from q_tuning.pruner import QTuningPruner
 
@@ -130,8 +134,9 @@ class QTuningStep:
         _check_model_per_token_loss(chunks)
         scored = trim_to_targets(samples if samples is not None else fields)
         with scoring_positions_clamped(chunks, args, step):
-            kept, _report = self._pruner(args).prune(chunks, scored, step=step)
+            kept, report = self._pruner(args).prune(chunks, scored, step=step)
         kept, decision = untrim(kept), self.pruner.last_decision
+        log_step(megatron_writers(), report, decision, step)
         decision.local_loss_masks = padded_masks(decision.local_loss_masks, scored["row_tokens"])
         rows = plan_rows([t.numel() - 1 for t in kept["tokens"]], seq_length=args.seq_length,
                          packed=packed)
@@ -151,6 +156,22 @@ class QTuningStep:
                            total_steps=getattr(args, "train_iters", None))
             self.pruner = QTuningPruner(QTuningConfig.from_args(args), run, log=self.log)
         return self.pruner
+
+
+def megatron_writers() -> Writers:
+    """The TensorBoard and W&B writers Megatron-LM set up (`--tensorboard-dir`, `--wandb-project`;
+    `megatron.training.global_vars`, on its last rank only, core_v0.16.1 to core_v0.19.0): the
+    step's Q-Tuning scalars go there at Megatron's iteration. Empty on the other ranks, and where
+    Megatron-LM's training module is not loaded (no writer to look for). The EU-plane image goes
+    to TensorBoard only when `$Q_TUNING_TB_IMAGE_EVERY` asks (it needs matplotlib, which
+    Megatron-LM does not)."""
+    global_vars = sys.modules.get("megatron.training.global_vars")
+    if global_vars is None:
+        return Writers()
+    tensorboard, wandb = global_vars.get_tensorboard_writer(), global_vars.get_wandb_writer()
+    images = tb_image_every() if os.environ.get(IMAGE_EVERY_ENV) else 0
+    return Writers([None if tensorboard is None else TensorBoardWriter(tensorboard, images),
+                    None if wandb is None else WandbWriter(wandb)])
 
 
 # --- start-up checks -----------------------------------------------------------------------------

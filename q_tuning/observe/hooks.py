@@ -48,6 +48,7 @@ from typing import Any, Callable
 import torch
 
 from q_tuning.config import QTuningConfig
+from q_tuning.observe.env import env_number
 from q_tuning.parallel import comm
 from q_tuning.selection import select_samples
 
@@ -222,16 +223,7 @@ def _config_of(args: Any) -> QTuningConfig:
 
 
 def _env_int(name: str, default: int) -> int:
-    text = os.environ.get(name)
-    if text is None or text == "":
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"environment variable {name} must be an integer >= 1, got {text!r}")
-    return value
+    return env_number(name, default, minimum=1)
 
 
 # --- the built-in hooks ---------------------------------------------------------------------------

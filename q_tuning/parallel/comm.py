@@ -26,6 +26,20 @@ def is_global_rank_zero() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+def is_megatron_metrics_rank() -> bool:
+    """Data-parallel rank 0 (with context parallelism), tensor rank 0, last pipeline stage: the
+    rank that logs `train/` metrics in Megatron-based trainers (slime). Global rank 0 when
+    megatron's parallel state is not initialised."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return is_global_rank_zero()
+    return (ps.get_data_parallel_rank(with_context_parallel=True) == 0
+            and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_pipeline_model_parallel_rank()
+            == ps.get_pipeline_model_parallel_world_size() - 1)
+
+
 def rank_in(group) -> int:
     """This process's rank in `group` (0 without a process group)."""
     return dist.get_rank(group) if dist.is_available() and dist.is_initialized() else 0

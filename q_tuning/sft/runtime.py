@@ -7,25 +7,23 @@ Public API:
     init_distributed(args) -> bool         (True when this call created the process group)
     quiet_expected_warnings(device)        (before megatron-core is imported)
     seed_everything(seed)
-    progress(what)         context manager: start / still-running / done lines for long work
+    progress(what, total=None, **kw) -> Progress   (q_tuning.observe.progress) into the log
     ExitSignal             the flag SIGTERM sets; the trainer agrees on it once per iteration
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import random
 import signal
 import threading
-import time
 import warnings
 
 import numpy as np
 import torch
 
-from q_tuning.parallel import comm
+from q_tuning.observe.progress import Progress
 from q_tuning.parallel.process_group import join_process_group
 
 logger = logging.getLogger("q_tuning.train")
@@ -76,32 +74,11 @@ def seed_everything(seed: int) -> None:
     model_parallel_cuda_manual_seed(seed)
 
 
-@contextlib.contextmanager
-def progress(what: str, every: float = 10.0):
-    """Log `what ...`, then `... still <what> (N s)` every `every` seconds, then `done in N s`.
-
-    For opaque long calls (GGUF de-quantisation, tokenising, writing checkpoints). Global rank 0
-    only; the ticker is a daemon thread that touches no torch state.
-    """
-    if not comm.is_global_rank_zero():
-        yield
-        return
-    logger.info("%s ...", what)
-    start = time.perf_counter()
-    stop = threading.Event()
-
-    def tick():
-        while not stop.wait(every):
-            logger.info("  ... still %s (%.0f s)", what, time.perf_counter() - start)
-
-    ticker = threading.Thread(target=tick, daemon=True)
-    ticker.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        ticker.join()
-    logger.info("%s: done in %.1f s", what, time.perf_counter() - start)
+def progress(what: str, total: int | None = None, **kwargs) -> Progress:
+    """`q_tuning.observe.progress.Progress` whose first and last lines go to the trainer's log
+    (stdout and <output-dir>/train.log): `with progress("loading the tokenizer"): ...` for an
+    opaque call (start / still running / done), `total=` and `.update()` for a counted one."""
+    return Progress(what, total, log=logger, **kwargs)
 
 
 class ExitSignal:

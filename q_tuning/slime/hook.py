@@ -16,7 +16,8 @@ slime (THUDM/slime since bd217a63f) calls the hook on every actor rank, in
    every DP rank (first-fit under `--max-tokens-per-gpu` x CP, or `--micro-batch-size` chunks),
    and, for slime's per-sample-mean loss, the denominators (`rollout_mask_sums`) from the pruned
    masks;
-6. runs the user's own postprocess hook, if one was chained (`q_tuning_postprocess_chain`).
+6. logs the rollout's Q-Tuning scalars to slime's tracking (W&B / TensorBoard: `tracking.py`);
+7. runs the user's own postprocess hook, if one was chained (`q_tuning_postprocess_chain`).
 
 Global rank 0 logs each rollout: the pruner's `[Q-Tuning]` lines, then `[Q-Tuning] slime rollout
 N: training K/M samples, forwarding A/B tokens, C micro-batches per DP rank` (A/B over the step).
@@ -34,6 +35,7 @@ from q_tuning.config import SETTINGS, QTuningConfig, RunShape
 from q_tuning.parallel import comm
 from q_tuning.passes.microbatch import takes_packed_seq_params
 from q_tuning.slime import schedule as S
+from q_tuning.slime.tracking import log_rollout
 
 HOOK_PATH = "q_tuning.slime.postprocess"
 CHAIN_KEY = "q_tuning_postprocess_chain"  # args attribute: the user's hook, run after ours
@@ -209,6 +211,7 @@ def postprocess(args: Any, rollout_id: int, rollout_data: dict) -> None:
             "(see check_args)")
     model = find_model()
     prune_rollout(state, model, args, rollout_id, rollout_data)
+    log_rollout(args, rollout_id, state.last_report)
     if state.chain is not None:
         state.chain(args, rollout_id, rollout_data)
 

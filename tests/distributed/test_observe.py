@@ -343,16 +343,6 @@ def test_select_in_batches_drops_unplaceable_samples_and_batches():
     assert not bool(decision["keep"][8:].any()) and batches[2]["kept_samples"] == 0
 
 
-def test_progress_line_reports_samples_per_second(capsys):
-    from q_tuning.sft.analyze.statistics import ScoringProgress
-
-    progress = ScoringProgress(50, enabled=True)
-    progress.update(16)  # not a terminal: silent until 10 s have passed, or the end
-    progress.update(50)
-    err = capsys.readouterr().err
-    assert re.fullmatch(r"scored 50/50 samples \(\d+\.\d samples/s, done\)\n", err)
-
-
 def test_analyze_needs_a_model_source():
     from q_tuning.sft.analyze.cli import build_parser
 

@@ -447,3 +447,58 @@ def bad_call_worker(rank, world_size, case: str):
 
 def _swap_args(micro_batch_size, data_iterator, model):
     return _step_forward(model, data_iterator, micro_batch_size)
+
+
+class RecordingTensorBoard:
+    """Records `add_scalar(tag, value, step)` as Megatron-LM's SummaryWriter receives it."""
+
+    def __init__(self):
+        self.scalars: list[tuple[str, float, int]] = []
+
+    def add_scalar(self, tag, value, step):
+        self.scalars.append((tag, float(value), int(step)))
+
+
+class RecordingWandb:
+    """Records `log(data, step=...)` as Megatron-LM's writer (the wandb module) receives it."""
+
+    def __init__(self):
+        self.logged: list[tuple[dict, int]] = []
+
+    def log(self, data, step=None):
+        self.logged.append((dict(data), step))
+
+
+def fake_megatron_writers(world_size: int, rank: int) -> tuple:
+    """A stand-in `megatron.training.global_vars` in sys.modules whose writers exist on the last
+    rank only, as Megatron-LM's `_set_tensorboard_writer` / `_set_wandb_writer` make them (None
+    elsewhere). Returns (tensorboard, wandb) recorders, None on the other ranks."""
+    module = types.ModuleType("megatron.training.global_vars")
+    last = rank == world_size - 1
+    tensorboard, wandb = (RecordingTensorBoard(), RecordingWandb()) if last else (None, None)
+    module.get_tensorboard_writer = lambda: tensorboard
+    module.get_wandb_writer = lambda: wandb
+    sys.modules["megatron.training.global_vars"] = module
+    return tensorboard, wandb
+
+
+def writers_worker(rank, world_size, pp: int, iterations: list[int]):
+    """Adapter steps at Megatron's `iterations` with fake Megatron-LM writers: what each rank's
+    writers received, and per step the decision's kept count, quadrant labels and level."""
+    from q_tuning.megatron_lm.step import QTuningStep
+    from tests.harness.fixtures import MODEL, wrap_ddp
+    from tests.harness.megatron import build_tiny_gpt, parallel_world
+
+    tensorboard, wandb = fake_megatron_writers(world_size, rank)
+    with parallel_world(pp=pp):
+        chunks = wrap_ddp(build_tiny_gpt(**MODEL))
+        step, decisions = QTuningStep(log=False), []
+        for it in iterations:
+            run_step(step, chunks, _local_micro_batches(2, 3),
+                     step_args(2, it, q_tuning_sample_keep_ratio=0.5))
+            selection = step.pruner.last_decision.selection
+            decisions.append({"kept": int(selection.keep.sum()), "level": float(selection.level),
+                              "quadrant": selection.quadrant.tolist()})
+        return {"rank": rank, "decisions": decisions,
+                "tensorboard": None if tensorboard is None else tensorboard.scalars,
+                "wandb": None if wandb is None else wandb.logged}

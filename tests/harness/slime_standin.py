@@ -307,3 +307,19 @@ def thd_params(local_lengths: list, cp_size: int):
     longest = int((cu[1:] - cu[:-1]).max())
     return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                            max_seqlen_q=longest, max_seqlen_kv=longest)
+
+
+def record_tracking() -> list:
+    """slime's tracking, recorded: stand-in modules `slime.observability.logging_utils` whose
+    `log(args, metrics, step_key)` (slime's signature) appends `(metrics, step_key)` to the list
+    returned. For a spawned test process only (it puts a `slime` package in sys.modules)."""
+    import sys
+    import types
+
+    calls: list = []
+    names = ("slime", "slime.observability", "slime.observability.logging_utils")
+    for name in names:
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules[names[-1]].log = lambda args, metrics, step_key: calls.append(
+        (dict(metrics), step_key))
+    return calls

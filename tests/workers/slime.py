@@ -53,6 +53,7 @@ def actor_worker(rank, world_size, tp, pp, cp, argv: list, data: dict,
     from q_tuning.slime import hook
 
     init_parallel(tp=tp, pp=pp, cp=cp)
+    tracked = SL.record_tracking()
     try:
         args = SL.parse_args(argv=argv)
         model = (use_thd_cp_attention(build_tiny_gpt(**MODEL, thd_attention=True)) if cp > 1
@@ -75,8 +76,12 @@ def actor_worker(rank, world_size, tp, pp, cp, argv: list, data: dict,
                         "quadrant": d.selection.quadrant.tolist()}
         return {
             "dp_rank": dp_rank, "cp_rank": ps.get_context_parallel_rank(), "before": before,
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
             "decision": decision,
             "summary": getattr(state, "last_summary", None),
+            "report": None if state is None else state.last_report,
+            "tracked": tracked,
             "same_lists": all(rollout[k] is lst for k, lst in zip(
                 ("micro_batch_indices", "num_microbatches", "global_batch_sizes"),
                 schedule_lists)),

@@ -11,7 +11,7 @@
     q-tuning-analyze --load runs/x/checkpoints --data-path train.jsonl --output-dir analysis
 
 Every sample is scored with the model (the same no-grad pass as training, `score_samples`), in
-passes of `--batch-size` samples per data-parallel replica, with a progress line (samples/s). The
+passes of `--batch-size` samples per data-parallel replica, with progress on stderr. The
 selection (`select_samples`) is then applied to the whole data set as one batch, or, with
 `--selection-batch-size B`, to consecutive batches of B samples in file order (as training steps
 would see them, minus the shuffling), each with its own thresholds. Outputs, in --output-dir:
@@ -42,6 +42,7 @@ from typing import Optional, Sequence
 import torch
 
 from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args, positive_int
+from q_tuning.observe.progress import Progress
 from q_tuning.observe.report_html import pick_examples
 from q_tuning.parallel import comm
 from q_tuning.parallel.process_group import join_process_group, leave_process_group
@@ -146,12 +147,14 @@ def _build_model(source: dict, tp: int, cuda: bool) -> list:
     if cuda:
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
     if source["checkpoint"] is None:
-        hf_model.load_hf_weights(chunks, source["hf"])
+        with Progress(f"loading weights from {source['hf']}"):
+            hf_model.load_hf_weights(chunks, source["hf"])
         return chunks
     # The model part of a trainer checkpoint (its optimizer and RNG states are not read).
     metadata = dict(source["trainer_state"]["sharded_state_dict_metadata"])
-    loaded = dist_checkpointing.load(model_sharded_state(chunks, metadata),
-                                     str(source["checkpoint"]))
+    with Progress(f"loading checkpoint {source['checkpoint']}"):
+        loaded = dist_checkpointing.load(model_sharded_state(chunks, metadata),
+                                         str(source["checkpoint"]))
     load_model_state(chunks, loaded)
     return chunks
 

@@ -3,7 +3,6 @@ Q-Tuning's selection over batches of them, and the per-token statistics of the H
 examples.
 
 Public API:
-    ScoringProgress(total, enabled)        the "scored N/M samples" line
     score_dataset(chunks, samples, *, batch_size, micro_batch_size, method, dp_rank, dp_size,
                   dp_group, entropy_scope="response") -> {"ppl", "entropy", "targets"}
     select_in_batches(ppl, entropy, config, batch_size) -> (decision, batch summaries)
@@ -13,41 +12,17 @@ Public API:
 from __future__ import annotations
 
 import dataclasses
-import sys
-import time
 from typing import Optional
 
 import torch
 
 from q_tuning.config import QTuningConfig
+from q_tuning.observe.progress import Progress
 from q_tuning.parallel import comm
 from q_tuning.report import Thresholds
 from q_tuning.selection import sample_ppl_entropy_from_tokens, select_samples
 
-__all__ = ["ScoringProgress", "example_tokens", "score_dataset", "select_in_batches"]
-
-
-class ScoringProgress:
-    """`scored 320/1000 samples (41.2 samples/s, ETA 16 s)` on stderr from global rank 0: one
-    line rewritten in place on a terminal, a line every 10 s (and at the end) otherwise."""
-
-    def __init__(self, total: int, enabled: bool):
-        self.total, self.enabled = total, enabled
-        self.start = self.last = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int) -> None:
-        now = time.perf_counter()
-        final = done >= self.total
-        if not self.enabled or not (self.tty or final or now - self.last >= 10.0):
-            return
-        self.last = now
-        rate = done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / rate if rate > 0 else float("inf")
-        line = (f"scored {done}/{self.total} samples ({rate:.1f} samples/s, "
-                f"{'done' if final else f'ETA {eta:.0f} s'})")
-        print(("\r" + line) if self.tty else line, end="\n" if final or not self.tty else "",
-              file=sys.stderr, flush=True)
+__all__ = ["example_tokens", "score_dataset", "select_in_batches"]
 
 
 def score_dataset(chunks, samples, *, batch_size: int, micro_batch_size: Optional[int],
@@ -55,35 +30,43 @@ def score_dataset(chunks, samples, *, batch_size: int, micro_batch_size: Optiona
                   entropy_scope: str = "response") -> dict[str, torch.Tensor]:
     """Per-sample `ppl`, `entropy` (float64, NaN when unplaceable) and `targets` (int64) of every
     sample, on every rank. Pass b scores samples [b*B*dp, (b+1)*B*dp); replica r takes its r-th
-    block of B; the results are all-gathered over DP at the end."""
-    from q_tuning.passes.scoring import score_samples, target_masks
-
+    block of B; the results are all-gathered over DP at the end. Progress: samples scored, on
+    stderr from global rank 0 (`q_tuning.observe.progress`)."""
     n = len(samples)
     stride = batch_size * dp_size
-    progress = ScoringProgress(n, comm.is_global_rank_zero())
     mine: list[tuple[int, float, float, int]] = []
-    for start in range(0, n, stride):
-        lo = min(n, start + dp_rank * batch_size)
-        part = samples[lo:min(n, lo + batch_size)]
-        if part:
-            masks = [s.loss_mask for s in part]
-            scores = score_samples(chunks, [s.tokens for s in part],
-                                   masks if entropy_scope == "response"
-                                   else [torch.ones_like(m) for m in masks],
-                                   rows_per_micro_batch=micro_batch_size, method=method)
-            loss = target_masks(masks, scores.target_mask.shape[1])
-            ppl, ent = sample_ppl_entropy_from_tokens(scores.nll, scores.entropy, loss,
-                                                      entropy_mask=scores.target_mask)
-            targets = loss.sum(dim=1)
-            mine += [(lo + i, float(ppl[i]), float(ent[i]), int(targets[i]))
-                     for i in range(len(part))]
-        progress.update(min(n, start + stride))
+    with Progress("scoring", total=n, unit="samples") as progress:
+        for start in range(0, n, stride):
+            _score_pass(chunks, samples, mine, lo=min(n, start + dp_rank * batch_size),
+                        batch_size=batch_size, micro_batch_size=micro_batch_size, method=method,
+                        entropy_scope=entropy_scope)
+            progress.update(min(n, start + stride) - min(n, start))
     parts = comm.all_gather_objects(mine, dp_group) if dp_size > 1 else [mine]
     rows = sorted(r for p in parts for r in p)
     assert [r[0] for r in rows] == list(range(n)), "every sample is scored exactly once"
     return {"ppl": torch.tensor([r[1] for r in rows], dtype=torch.float64),
             "entropy": torch.tensor([r[2] for r in rows], dtype=torch.float64),
             "targets": torch.tensor([r[3] for r in rows], dtype=torch.int64)}
+
+
+def _score_pass(chunks, samples, mine: list, *, lo: int, batch_size: int,
+                micro_batch_size: Optional[int], method: str, entropy_scope: str) -> None:
+    """Score this replica's block `samples[lo:lo + batch_size]` of one pass into `mine`."""
+    from q_tuning.passes.scoring import score_samples, target_masks
+
+    part = samples[lo:min(len(samples), lo + batch_size)]
+    if not part:
+        return
+    masks = [s.loss_mask for s in part]
+    scores = score_samples(chunks, [s.tokens for s in part],
+                           masks if entropy_scope == "response"
+                           else [torch.ones_like(m) for m in masks],
+                           rows_per_micro_batch=micro_batch_size, method=method)
+    loss = target_masks(masks, scores.target_mask.shape[1])
+    ppl, ent = sample_ppl_entropy_from_tokens(scores.nll, scores.entropy, loss,
+                                              entropy_mask=scores.target_mask)
+    targets = loss.sum(dim=1)
+    mine += [(lo + i, float(ppl[i]), float(ent[i]), int(targets[i])) for i in range(len(part))]
 
 
 def select_in_batches(ppl: torch.Tensor, entropy: torch.Tensor, config: QTuningConfig,

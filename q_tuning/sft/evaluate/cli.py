@@ -17,7 +17,8 @@ reference-solution NLL of an HF checkpoint (the trainer's `--export-hf`, or a GG
 
 Rows are `experiments.gsm.gsm_symbolic` rows (`prompt`, `response`, `answer`). Bad input ends with
 one `q-tuning-eval: error: ...` line naming the file and line, exit status 2; the output JSON is
-written whole (temporary file, then renamed) or not at all.
+written whole (temporary file, then renamed) or not at all. Progress (rows decoded, rows/s,
+tokens/s, ETA) goes to stderr: `q_tuning.observe.progress`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 
 from q_tuning._files import write_text_atomic
 from q_tuning.config import CommandLineParser, positive_int
+from q_tuning.observe.progress import Progress
 from q_tuning.sft.evaluate.rows import (EvalError, answer_complete, extract_answer,
                                       normalize_number, read_rows)
 
@@ -133,9 +135,14 @@ def generate_with_nll(model, tokenizer, rows: Sequence[dict], *, max_new_tokens:
         lap("nll")
         return state
 
-    decode_pool(model, _length_order(prompts), out, admit=admit, batch_size=batch_size,
-                join_rows=JOIN_ROWS,
-                finished=lambda new: finished(tokenizer, new, eos, max_new_tokens))
+    with Progress("decoding", total=len(rows), unit="rows", rate_unit="tokens") as bar:
+        def row_done(new: list[int]) -> bool:  # called once per generated token
+            end = finished(tokenizer, new, eos, max_new_tokens)
+            bar.update(int(end), extra=1)
+            return end
+
+        decode_pool(model, _length_order(prompts), out, admit=admit, batch_size=batch_size,
+                    join_rows=JOIN_ROWS, finished=row_done)
     lap("decode")
     rest = [i for i, v in enumerate(nll) if v is None]
     for i, row_nll in zip(rest, reference_nll(model, tokenizer, [rows[i] for i in rest],
@@ -306,7 +313,8 @@ def load_model(path: str):
     kwargs = {"dtype": torch.float32, "local_files_only": True}
     if gguf:
         kwargs["gguf_file"] = gguf
-    model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
+    with Progress(f"loading the model from {path}"):
+        model = AutoModelForCausalLM.from_pretrained(str(folder), **kwargs).eval()
     use_gqa_attention(model)
     return model, tokenizer
 

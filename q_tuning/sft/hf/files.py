@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
+from q_tuning.observe.progress import Progress
 from q_tuning.sft.hf.config import hf_architecture
 
 if TYPE_CHECKING:
@@ -127,10 +128,12 @@ def _write_safetensors(state_dict: dict[str, torch.Tensor], folder: pathlib.Path
         save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / file), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, file))
+    with Progress("writing safetensors shards", total=len(shards), unit="files") as bar:
+        for i, shard in enumerate(shards, start=1):
+            file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(folder / file), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+            bar.update()
     total = sum(t.numel() * t.element_size() for t in state_dict.values())
     (folder / _SAFETENSORS_INDEX).write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))

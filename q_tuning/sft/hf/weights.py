@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 
+from q_tuning.observe.progress import Progress
 from q_tuning.parallel import comm
 from q_tuning.sft.hf.config import HF_VOCAB_ATTR, unwrap_model
 from q_tuning.sft.hf.files import read_hf_checkpoint
@@ -227,10 +228,11 @@ def load_hf_weights(model_chunks, hf_state_dict_or_path: Union[Mapping[str, torc
     if not isinstance(hf, Mapping):
         hf = read_hf_checkpoint(hf)[1]
     chunks = _bare_models(model_chunks)
+    params = [(model, p) for model in chunks for p in _chunk_params(model)]
     used, layers = set(), set()
-    for model in chunks:
-        tp, rank = comm.size_and_rank(model.tp_group)
-        for p in _chunk_params(model):
+    with Progress("loading HF weights", total=len(params), unit="tensors") as progress:
+        for model, p in params:
+            tp, rank = comm.size_and_rank(model.tp_group)
             missing = [n for n in p.hf_names if n not in hf]
             if missing:
                 raise ValueError(f"HF checkpoint lacks {missing} (needed for megatron {p.name})")
@@ -247,6 +249,7 @@ def load_hf_weights(model_chunks, hf_state_dict_or_path: Union[Mapping[str, torc
                 p.param.copy_(_shard(full, p, tp, rank))
             used.update(p.hf_names)
             layers.add(p.layer)
+            progress.update()
     unused = sorted(n for n in hf if _hf_layer(n) in layers - {None} and n not in used
                     and not n.endswith("rotary_emb.inv_freq"))
     if unused:
@@ -285,17 +288,18 @@ def export_hf_state_dict(model_chunks, *, vocab_size: Optional[int] = None,
                              "by build_gpt_model, which records it)")
     tied = chunks[0].share_embeddings_and_output_weights
     local: dict[str, torch.Tensor] = {}
-    for model in chunks:
-        tp, _ = comm.size_and_rank(model.tp_group)
-        for p in _chunk_params(model):
-            if p.name == _OUTPUT and tied:
-                continue  # the last stage's copy of the embedding; stage 0 exports the original
+    params = [(model, p) for model in chunks for p in _chunk_params(model)
+              if not (p.name == _OUTPUT and tied)]  # stage 0 exports the tied original
+    with Progress("gathering HF weights", total=len(params), unit="tensors") as progress:
+        for model, p in params:
+            tp, _ = comm.size_and_rank(model.tp_group)
             sharded = getattr(p.param, "tensor_model_parallel", False) and tp > 1
             shards = (comm.all_gather_tensors(p.param.detach(), model.tp_group) if sharded
                       else [p.param.detach()])
             full = _unshard([s.cpu() for s in shards], p)
             for name, tensor in _to_hf(p, full, model.config, vocab_size).items():
                 local[name] = tensor.clone()
+            progress.update()
     pp_group = chunks[0].pp_group
     if comm.size_and_rank(pp_group)[0] > 1:  # every stage's tensors, on the first (or all)
         parts = (comm.all_gather_objects(local, pp_group) if all_ranks

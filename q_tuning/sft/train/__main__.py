@@ -172,6 +172,8 @@ def _print_outputs(args: argparse.Namespace, trainer) -> None:
     if args.tensorboard_dir:
         rows.append(("TensorBoard", f"{args.tensorboard_dir}  (tensorboard --logdir "
                                     f"{args.tensorboard_dir})"))
+    if args.wandb_project:
+        rows.append(("W&B", f"project {args.wandb_project}, files in {args.wandb_save_dir}"))
     saved = trainer.checkpointer.last_saved_iteration
     if args.save and saved is not None:
         from q_tuning.sft.checkpoint.files import checkpoint_path

@@ -22,6 +22,7 @@ import pathlib
 from typing import Sequence
 
 from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args, positive_int
+from q_tuning.observe.writers import WandbConfig, add_wandb_args
 from q_tuning.sft.train.presets import PRESETS, get_preset
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
@@ -199,6 +200,7 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("logging")
     g.add_argument("--log-interval", type=positive_int, default=1)
     g.add_argument("--tensorboard-dir", default=None)
+    add_wandb_args(parser)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -258,6 +260,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--no-save and --save contradict each other")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save")
+    args.wandb_save_dir = WandbConfig.from_args(args).save_dir  # the default, for the path check
 
 
 def check_writable_paths(args: argparse.Namespace) -> None:
@@ -267,6 +270,7 @@ def check_writable_paths(args: argparse.Namespace) -> None:
     loaded (the trainer then writes a probe file into --save on every rank)."""
     for flag, path in (("--output-dir", args.output_dir), ("--save", args.save),
                        ("--tensorboard-dir", args.tensorboard_dir),
+                       ("--wandb-save-dir", getattr(args, "wandb_save_dir", None)),
                        ("--export-hf", args.export_hf)):
         if path is None:
             continue

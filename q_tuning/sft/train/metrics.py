@@ -1,5 +1,6 @@
 """What the trainer reports: one log line (and the Q-Tuning report) per `--log-interval`
-iterations, TensorBoard scalars, and `<output-dir>/metrics.jsonl`.
+iterations, TensorBoard and W&B scalars (`q_tuning.observe.writers`), and
+`<output-dir>/metrics.jsonl`.
 
 Public API:
     StepResult                       one iteration's global numbers (every rank has the same)
@@ -25,6 +26,7 @@ from typing import Optional
 
 from q_tuning import StepReport, format_report
 from q_tuning.observe import log_step
+from q_tuning.observe.writers import TensorBoardWriter, WandbConfig, Writers, open_wandb
 from q_tuning.parallel import comm
 from q_tuning.sft.checkpoint.policy import TrainState
 
@@ -32,7 +34,7 @@ logger = logging.getLogger("q_tuning.train")
 
 __all__ = ["MetricsLogger", "StepResult", "write_metrics_jsonl"]
 
-# The metrics written to TensorBoard as train/<key> (when not None).
+# The metrics written to TensorBoard and W&B as train/<key> (when not None).
 _SCALARS = ("loss", "lr", "tokens_per_second", "seconds_per_iteration", "samples", "tokens",
             "loss_tokens", "trained_samples", "trained_tokens", "consumed_samples", "grad_norm")
 
@@ -79,14 +81,14 @@ class _IntervalSums:
 
 
 class MetricsLogger:
-    """Log lines and TensorBoard on global rank 0; the metrics dicts on every rank."""
+    """Log lines, TensorBoard and W&B on global rank 0; the metrics dicts on every rank."""
 
     def __init__(self, args: argparse.Namespace, *, train_iters: int, pruner=None):
         self.log_interval = args.log_interval
         self.train_iters = train_iters
-        self.pruner = pruner  # its last_decision goes to TensorBoard with the step's report
+        self.pruner = pruner  # its last_decision goes to the dashboards with the step's report
         self.rank_zero = comm.is_global_rank_zero()
-        self.writer = _tensorboard_writer(args.tensorboard_dir) if self.rank_zero else None
+        self.writers = _open_writers(args) if self.rank_zero else Writers()
         self.history: list[dict] = []
         self._steps: list[StepResult] = []  # since the last log line
         self._start = time.perf_counter()
@@ -150,31 +152,31 @@ class MetricsLogger:
                 logger.info("%s", line)
 
     def _write_scalars(self, metrics: dict, report: StepReport | None) -> None:
-        if self.writer is None:
+        if not self.writers:
             return
         it = metrics["iteration"]
-        for key in _SCALARS:
-            if metrics[key] is not None:
-                self.writer.add_scalar(f"train/{key}", metrics[key], it)
+        self.writers.scalars({f"train/{key}": metrics[key] for key in _SCALARS
+                              if metrics[key] is not None}, it)
         if report is not None:  # last_decision belongs to the step just trained
-            log_step(self.writer, report, self.pruner.last_decision, it)
-        self.writer.flush()
+            log_step(self.writers, report, self.pruner.last_decision, it)
+        self.writers.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        self.writers.close()
 
 
-def _tensorboard_writer(log_dir: Optional[str]):
-    if not log_dir:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ValueError("--tensorboard-dir needs the 'tensorboard' package: "
-                         "pip install 'q-tuning[plot]'") from err
-    return SummaryWriter(log_dir=log_dir)
+def _open_writers(args: argparse.Namespace) -> Writers:
+    """--tensorboard-dir's SummaryWriter and --wandb-project's run (each when asked for)."""
+    tensorboard = None
+    if args.tensorboard_dir:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:
+            raise ValueError("--tensorboard-dir needs the 'tensorboard' package: "
+                             "pip install 'q-tuning[plot]'") from err
+        tensorboard = TensorBoardWriter(SummaryWriter(log_dir=args.tensorboard_dir))
+    wandb = WandbConfig.from_args(args)
+    return Writers([tensorboard, open_wandb(wandb, vars(args)) if wandb.project else None])
 
 
 def write_metrics_jsonl(output_dir: Optional[str], history: list[dict], *,

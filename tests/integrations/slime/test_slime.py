@@ -196,6 +196,30 @@ def test_user_hook_is_chained_after_ours(tmp_dir):
     assert len(o["user_hook_saw"]["kept_ids"]) == 8
 
 
+@pytest.mark.parametrize("split", ["dp2", "pp2", "tp2"])
+def test_scalars_reach_slime_tracking_from_its_metrics_rank(split, tmp_dir):
+    """One `log(args, metrics, step_key="train/step")` per rollout, from the rank where slime logs
+    its train metrics (DP 0, TP 0, last PP stage), at slime's step (the rollout id, 0 here)."""
+    outs = _run(split, tmp_dir)
+    world, _, pp, _ = SPLITS[split]
+    logged = [o for o in outs if o["tracked"]]
+    assert len(logged) == 1
+    (o,) = logged
+    assert (o["dp_rank"], o["tp_rank"], o["pp_rank"]) == (0, 0, pp - 1)
+    ((metrics, step_key),) = o["tracked"]
+    assert step_key == "train/step" and metrics["train/step"] == 0
+    report, summary = o["report"], o["summary"]
+    assert metrics["train/q_tuning/kept_samples"] == summary["kept_samples"] == 8
+    assert metrics["train/q_tuning/total_samples"] == summary["total_samples"] == 16
+    assert metrics["train/q_tuning/kept_tokens"] == summary["kept_tokens"]
+    assert metrics["train/q_tuning/level"] == report.level
+    assert metrics["train/q_tuning/scoring_seconds"] == report.scoring_seconds
+    placed = 16 - report.unplaceable_samples
+    assert sum(metrics[f"train/q_tuning/count/Q{q}"] for q in range(1, 5)) == placed
+    assert sum(metrics[f"train/q_tuning/kept_count/Q{q}"] for q in range(1, 5)) == 8
+    assert all(k.startswith("train/") for k in metrics)
+
+
 # --- settings and refusals (no processes: they depend on args only, identical on every rank) -----
 
 def _args(**over) -> argparse.Namespace:
