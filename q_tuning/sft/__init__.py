@@ -1,0 +1,1 @@
+"""The supervised fine-tuning stack (the trainer's pieces move here; LoRA lives in `sft.lora`)."""
