@@ -1,0 +1,132 @@
+"""q-tuning-train with --lora-rank, end to end on CPU (tiny random HF Llama, real megatron-core),
+in one spawn of 2 processes (start-up dominates on 2 cores):
+
+- DP=2, TP=2 and PP=2 LoRA runs with Q-Tuning give the same losses and Q-Tuning decisions (the
+  same model function at every split), and the base weights stay as loaded;
+- resume: 4 steps straight == 2 steps, save, load, 2 steps (DP=2, distributed optimizer, refill):
+  losses bitwise equal, merged and peft exports byte-identical; the checkpoint holds the adapters
+  (and their optimizer state) but no base weight;
+- a LoRA checkpoint with another rank is refused at --load, naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from tests.harness.launch import run_distributed
+
+pytest.importorskip("transformers")
+
+TIMEOUT = 600
+LORA = ["--lora-rank", "4", "--lora-alpha", "8"]
+QT = ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.5",
+      "--q-tuning-token-keep-ratio", "0.7"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tests.workers import trainer as W_trainer
+
+    root = tmp_path_factory.mktemp("lora_trainer_assets")
+    cache = tmp_path_factory.getbasetemp() / "q_tuning_cache"
+    return W_trainer.make_assets(str(root), str(cache))
+
+
+def _run(assets: dict, out: pathlib.Path, *extra: str, iters: int = 3) -> list[str]:
+    return ["--hf-checkpoint", assets["llama"], "--data-path", assets["data"],
+            "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "64",
+            "--lr", "1e-2", "--lr-decay-style", "linear", "--seed", "7", "--output-dir",
+            str(out), "--train-iters", str(iters), *LORA, *extra]
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    from tests.workers import trainer as W_trainer
+
+    out = tmp_path_factory.mktemp("lora_runs")
+    resume = [*QT, "--q-tuning-batch-policy", "refill", "--use-distributed-optimizer"]
+
+    def exports(name):
+        return ["--export-hf", str(out / name / "hf"), "--export-lora", str(out / name / "peft")]
+
+    scenarios = [
+        ("dp2", _run(assets, out / "dp2", *QT, *exports("dp2"))),
+        ("tp2", _run(assets, out / "tp2", *QT, "--tensor-model-parallel-size", "2")),
+        ("pp2", _run(assets, out / "pp2", *QT, "--pipeline-model-parallel-size", "2")),
+        ("full", _run(assets, out / "full", *resume, *exports("full"), iters=4)),
+        ("first_half", _run(assets, out / "half", *resume, "--exit-interval", "2", iters=4)),
+        ("second_half", _run(assets, out / "half", *resume, *exports("half"), "--load",
+                             str(out / "half" / "checkpoints"), iters=4)),
+        ("other_rank", _run(assets, out / "e1", *resume, "--lora-rank", "8", "--load",
+                            str(out / "full" / "checkpoints"), iters=5)),
+    ]
+    return out, run_distributed(W_trainer.run_many, 2, scenarios, timeout=TIMEOUT)[0]
+
+
+def _ok(results: dict, name: str) -> list[dict]:
+    assert results[name]["error"] is None, f"{name}: {results[name]['error']}"
+    return results[name]["history"]
+
+
+def _losses(history: list[dict]) -> np.ndarray:
+    return np.array([h["loss"] for h in history])
+
+
+@pytest.mark.parametrize("name", ["tp2", "pp2"])
+def test_splits_reproduce_data_parallel(runs, name):
+    _, results = runs
+    dp, other = _ok(results, "dp2"), _ok(results, name)
+    assert [h["q_tuning"]["quadrant_counts"] for h in other] == \
+        [h["q_tuning"]["quadrant_counts"] for h in dp]
+    np.testing.assert_allclose(_losses(other), _losses(dp), rtol=1e-4)
+    assert _losses(dp)[-1] < _losses(dp)[0]  # the adapters learn
+
+
+def test_merged_export_keeps_frozen_parts_and_moves_adapted_weights(runs, assets):
+    from safetensors.torch import load_file
+
+    out, results = runs
+    _ok(results, "dp2")
+    base = load_file(pathlib.Path(assets["llama"]) / "model.safetensors")
+    merged = load_file(out / "dp2" / "hf" / "model.safetensors")
+    adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for name, tensor in base.items():
+        moved = not bool((merged[name] == tensor).all())
+        assert moved == any(f".{m}." in name for m in adapted), name
+    config = json.loads((out / "dp2" / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (4, 8.0)
+    assert sorted(config["target_modules"]) == sorted(adapted)
+
+
+def test_resume_is_bitwise_identical(runs):
+    out, results = runs
+    full, first, second = (_ok(results, n) for n in ("full", "first_half", "second_half"))
+    assert [h["iteration"] for h in first + second] == [1, 2, 3, 4]
+    assert _losses(first + second).tolist() == _losses(full).tolist()
+    for export in ("hf/model.safetensors", "peft/adapter_model.safetensors"):
+        assert (out / "full" / export).read_bytes() == (out / "half" / export).read_bytes()
+
+
+def test_checkpoint_holds_adapters_not_base(runs):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    out, results = runs
+    _ok(results, "full")
+    keys = list(FileSystemReader(str(out / "full" / "checkpoints" / "iter_0000004"))
+                .read_metadata().state_dict_metadata)
+    adapters = [k for k in keys if ".adapter.linear_" in k and "optimizer" not in k]
+    assert len(adapters) == 2 * 4 * 2  # A and B of 4 modules in 2 layers
+    base = [k for k in keys if k.endswith(("linear_qkv.weight", "word_embeddings.weight",
+                                           "linear_fc2.weight", "final_layernorm.weight"))]
+    assert base == []
+    assert any("optimizer" in k for k in keys)
+
+
+def test_other_rank_is_refused_at_load(runs):
+    _, results = runs
+    error = results["other_rank"]["error"]
+    assert error is not None and "different model" in error and "'rank': 4" in error, error
