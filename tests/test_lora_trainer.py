@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from tests.harness.launch import run_distributed
+from tests.workers.trainer import history_of, losses_of
 
 pytest.importorskip("transformers")
 
@@ -67,30 +68,21 @@ def runs(assets, tmp_path_factory):
     return out, run_distributed(W_trainer.run_many, 2, scenarios, timeout=TIMEOUT)[0]
 
 
-def _ok(results: dict, name: str) -> list[dict]:
-    assert results[name]["error"] is None, f"{name}: {results[name]['error']}"
-    return results[name]["history"]
-
-
-def _losses(history: list[dict]) -> np.ndarray:
-    return np.array([h["loss"] for h in history])
-
-
 @pytest.mark.parametrize("name", ["tp2", "pp2"])
 def test_splits_reproduce_data_parallel(runs, name):
     _, results = runs
-    dp, other = _ok(results, "dp2"), _ok(results, name)
+    dp, other = history_of(results, "dp2"), history_of(results, name)
     assert [h["q_tuning"]["quadrant_counts"] for h in other] == \
         [h["q_tuning"]["quadrant_counts"] for h in dp]
-    np.testing.assert_allclose(_losses(other), _losses(dp), rtol=1e-4)
-    assert _losses(dp)[-1] < _losses(dp)[0]  # the adapters learn
+    np.testing.assert_allclose(losses_of(other), losses_of(dp), rtol=1e-4)
+    assert losses_of(dp)[-1] < losses_of(dp)[0]  # the adapters learn
 
 
 def test_merged_export_keeps_frozen_parts_and_moves_adapted_weights(runs, assets):
     from safetensors.torch import load_file
 
     out, results = runs
-    _ok(results, "dp2")
+    history_of(results, "dp2")
     base = load_file(pathlib.Path(assets["llama"]) / "model.safetensors")
     merged = load_file(out / "dp2" / "hf" / "model.safetensors")
     adapted = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -104,9 +96,9 @@ def test_merged_export_keeps_frozen_parts_and_moves_adapted_weights(runs, assets
 
 def test_resume_is_bitwise_identical(runs):
     out, results = runs
-    full, first, second = (_ok(results, n) for n in ("full", "first_half", "second_half"))
+    full, first, second = (history_of(results, n) for n in ("full", "first_half", "second_half"))
     assert [h["iteration"] for h in first + second] == [1, 2, 3, 4]
-    assert _losses(first + second).tolist() == _losses(full).tolist()
+    assert losses_of(first + second) == losses_of(full)
     for export in ("hf/model.safetensors", "peft/adapter_model.safetensors"):
         assert (out / "full" / export).read_bytes() == (out / "half" / export).read_bytes()
 
@@ -115,7 +107,7 @@ def test_checkpoint_holds_adapters_not_base(runs):
     from torch.distributed.checkpoint import FileSystemReader
 
     out, results = runs
-    _ok(results, "full")
+    history_of(results, "full")
     keys = list(FileSystemReader(str(out / "full" / "checkpoints" / "iter_0000004"))
                 .read_metadata().state_dict_metadata)
     adapters = [k for k in keys if ".adapter.linear_" in k and "optimizer" not in k]
