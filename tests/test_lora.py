@@ -6,6 +6,7 @@ slow references; one spawn of 1 process (TP=1) and one of 2 (TP=2). B is random 
 - Q-Tuning's scoring pass on the LoRA model equals it on the dense merged model;
 - TP=2 equals TP=1: logits, adapter gradients, grad norm, weights after one
   clipped Adam step, and both exports;
+- adapter dropout acts in training mode only (TP=1 and TP=2);
 - the merged export loaded by transformers, and the peft export loaded by peft onto the base,
   give the LoRA model's logits;
 - flags: bad settings are parse-time errors naming the flag.
@@ -93,6 +94,14 @@ def test_tensor_parallel_equals_one_process(tp1, tp2):
     _close_dicts(tp2["step"]["after"], one["step"]["after"])
     for kind in ("peft", "merged"):
         _close_dicts(tp2["exports"][kind], one["exports"][kind])
+
+
+def test_dropout_acts_in_training_only(tp1, tp2):
+    for result in (tp1[1], tp2):
+        d = result["dropout"]
+        _close(d["eval"], tp1[1]["logits"])
+        assert not torch.allclose(d["train1"], d["eval"], atol=1e-3)
+        assert not torch.allclose(d["train1"], d["train2"], atol=1e-3)
 
 
 def test_step_changes_adapters_only(tp1):

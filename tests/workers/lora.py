@@ -144,6 +144,28 @@ def _exports(chunks, out: pathlib.Path | None, hf_config) -> dict:
     return {"peft": peft, "merged": merged}
 
 
+def _dropout_logits(chunks, toks) -> dict:
+    """Logits with adapter dropout 0.5: two training-mode forwards, then one in eval mode."""
+    from q_tuning.sft.lora.layers import adapted_layers
+    from tests.harness.megatron import causal_attention_mask, gather_tp_logits
+
+    for layer in adapted_layers(chunks):
+        layer.adapter.dropout = 0.5
+    pos = torch.arange(SEQ).expand(BATCH, SEQ)
+
+    out = {}
+    with torch.no_grad():
+        for name, training in (("train1", True), ("train2", True), ("eval", False)):
+            for c in chunks:
+                c.train(training)
+            out[name] = gather_tp_logits(chunks[0](toks, pos, causal_attention_mask(BATCH, SEQ)))
+    for layer in adapted_layers(chunks):
+        layer.adapter.dropout = 0.0
+    for c in chunks:
+        c.train(True)
+    return out
+
+
 def _scores(chunks, toks):
     from q_tuning.parallel.scoring import score_samples
 
@@ -180,8 +202,9 @@ def reference(rank: int, world_size: int, hf_dir: str, out: str) -> dict:
         load_shard(dense, merged_sd)
         dense_scores = _scores(dense, toks)
         model.zero_grad(set_to_none=True)
+        dropout = _dropout_logits(chunks, toks)
         step = _train_step(chunks, toks)
-    return {"logits": logits, "dense_logits": dense_logits, "grads": grads,
+    return {"dropout": dropout, "logits": logits, "dense_logits": dense_logits, "grads": grads,
             "dense_grads": dense_grads, "full": full, "scores": scores,
             "dense_scores": dense_scores, "exports": merged_full, "step": step,
             "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()}}
@@ -198,5 +221,6 @@ def split(rank: int, world_size: int, hf_dir: str, full: dict) -> dict:
         loaded = full_state_dict(chunks)
         logits = _logits(chunks, toks)
         exports = _exports(chunks, None, hf_config)
+        dropout = _dropout_logits(chunks, toks)
         step = _train_step(chunks, toks)
-    return {"loaded": loaded, "logits": logits, "exports": exports, "step": step}
+    return {"dropout": dropout, "loaded": loaded, "logits": logits, "exports": exports, "step": step}
