@@ -1,5 +1,6 @@
 """LoRA (`q_tuning.sft.lora`) on a real megatron-core GPTModel built from a tiny HF Llama, against
-slow references; one spawn of 1 process (TP=1) and one of 2 (TP=2). B is random and non-zero throughout (B = 0 at init would hide every mistake):
+slow references; one spawn of 1 process (TP=1) and one of 2 (TP=2). B is random and non-zero
+throughout (B = 0 at init would hide every mistake):
 
 - the adapter forward equals a LoRA-free model holding W + (alpha/R) B A (fp32: atol 1e-5);
 - gradients reach only A and B, and equal autograd through that dense model;

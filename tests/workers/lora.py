@@ -223,4 +223,5 @@ def split(rank: int, world_size: int, hf_dir: str, full: dict) -> dict:
         exports = _exports(chunks, None, hf_config)
         dropout = _dropout_logits(chunks, toks)
         step = _train_step(chunks, toks)
-    return {"dropout": dropout, "loaded": loaded, "logits": logits, "exports": exports, "step": step}
+    return {"dropout": dropout, "loaded": loaded, "logits": logits, "exports": exports,
+            "step": step}

@@ -49,7 +49,7 @@ __all__ = ["AdaptedLayer", "LoRAAdapter", "adapted_layers", "apply_lora", "delta
 
 
 class LoRAAdapter(torch.nn.Module):
-    """delta(x) = scale * B A dropout(x) for one column- or row-parallel layer (this rank's part)."""
+    """delta(x) = scale * B A dropout(x) of one column- or row-parallel layer (this rank's part)."""
 
     def __init__(self, base: torch.nn.Module, kind: str, config: LoRAConfig, full_a: torch.Tensor):
         super().__init__()
