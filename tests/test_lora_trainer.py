@@ -6,7 +6,8 @@ in one spawn of 2 processes (start-up dominates on 2 cores):
 - resume: 4 steps straight == 2 steps, save, load, 2 steps (DP=2, distributed optimizer, refill):
   losses bitwise equal, merged and peft exports byte-identical; the checkpoint holds the adapters
   (and their optimizer state) but no base weight;
-- a LoRA checkpoint with another rank is refused at --load, naming the difference.
+- a LoRA checkpoint with another rank, or onto another base (same shapes, other weights), is
+  refused at --load, naming the difference.
 """
 
 from __future__ import annotations
@@ -34,11 +35,27 @@ def assets(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("lora_trainer_assets")
     cache = tmp_path_factory.getbasetemp() / "q_tuning_cache"
-    return W_trainer.make_assets(str(root), str(cache))
+    assets = W_trainer.make_assets(str(root), str(cache))
+    assets["other_base"] = _other_base(pathlib.Path(assets["llama"]), root / "other_base")
+    return assets
 
 
-def _run(assets: dict, out: pathlib.Path, *extra: str, iters: int = 3) -> list[str]:
-    return ["--hf-checkpoint", assets["llama"], "--data-path", assets["data"],
+def _other_base(llama: pathlib.Path, folder: pathlib.Path) -> str:
+    """The same architecture and shapes as `llama`, one weight changed (another base model)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(llama, folder)
+    weights = load_file(llama / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] + 0.5
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    return str(folder)
+
+
+def _run(assets: dict, out: pathlib.Path, *extra: str, iters: int = 3,
+         base: str = "llama") -> list[str]:
+    return ["--hf-checkpoint", assets[base], "--data-path", assets["data"],
             "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "64",
             "--lr", "1e-2", "--lr-decay-style", "linear", "--seed", "7", "--output-dir",
             str(out), "--train-iters", str(iters), *LORA, *extra]
@@ -64,6 +81,8 @@ def runs(assets, tmp_path_factory):
                              str(out / "half" / "checkpoints"), iters=4)),
         ("other_rank", _run(assets, out / "e1", *resume, "--lora-rank", "8", "--load",
                             str(out / "full" / "checkpoints"), iters=5)),
+        ("other_base", _run(assets, out / "e2", *resume, "--load",
+                            str(out / "full" / "checkpoints"), iters=5, base="other_base")),
     ]
     return out, run_distributed(W_trainer.run_many, 2, scenarios, timeout=TIMEOUT)[0]
 
@@ -118,7 +137,15 @@ def test_checkpoint_holds_adapters_not_base(runs):
     assert any("optimizer" in k for k in keys)
 
 
-def test_other_rank_is_refused_at_load(runs):
+@pytest.mark.parametrize("name, ranks, bases", [("other_rank", {4, 8}, 1),
+                                                 ("other_base", {4}, 2)])
+def test_other_rank_or_base_is_refused_at_load(runs, name, ranks, bases):
+    """The error names the LoRA fingerprints of checkpoint and run: the ranks, and the base
+    digests (different for another base)."""
+    import re
+
     _, results = runs
-    error = results["other_rank"]["error"]
-    assert error is not None and "different model" in error and "'rank': 4" in error, error
+    error = results[name]["error"]
+    assert error is not None and "different model" in error, error
+    assert {int(r) for r in re.findall(r"'rank': (\d+)", error)} == ranks, error
+    assert len(set(re.findall(r"'base_weights': '(\w+)'", error))) == bases, error
