@@ -3,6 +3,7 @@ in one spawn of 2 processes (start-up dominates on 2 cores):
 
 - DP=2, TP=2 and PP=2 LoRA runs with Q-Tuning give the same losses and Q-Tuning decisions (the
   same model function at every split), and the base weights stay as loaded;
+- --bf16: trains, both exports in bf16;
 - resume: 4 steps straight == 2 steps, save, load, 2 steps (DP=2, distributed optimizer, refill):
   losses bitwise equal, merged and peft exports byte-identical; the checkpoint holds the adapters
   (and their optimizer state) but no base weight;
@@ -75,6 +76,7 @@ def runs(assets, tmp_path_factory):
         ("dp2", _run(assets, out / "dp2", *QT, *exports("dp2"))),
         ("tp2", _run(assets, out / "tp2", *QT, "--tensor-model-parallel-size", "2")),
         ("pp2", _run(assets, out / "pp2", *QT, "--pipeline-model-parallel-size", "2")),
+        ("bf16", _run(assets, out / "bf16", *QT, "--bf16", *exports("bf16"))),
         ("full", _run(assets, out / "full", *resume, *exports("full"), iters=4)),
         ("first_half", _run(assets, out / "half", *resume, "--exit-interval", "2", iters=4)),
         ("second_half", _run(assets, out / "half", *resume, *exports("half"), "--load",
@@ -111,6 +113,24 @@ def test_merged_export_keeps_frozen_parts_and_moves_adapted_weights(runs, assets
     config = json.loads((out / "dp2" / "peft" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 8.0)
     assert sorted(config["target_modules"]) == sorted(adapted)
+
+
+def test_bf16_trains_and_exports_bf16(runs, assets):
+    """--bf16: bf16 adapters (fp32 main weights in the optimizer), both exports in bf16; the
+    merged export's frozen tensors are the base's, rounded to bf16."""
+    import torch
+    from safetensors.torch import load_file
+
+    out, results = runs
+    losses = losses_of(history_of(results, "bf16"))
+    assert losses[-1] < losses[0]
+    peft = load_file(out / "bf16" / "peft" / "adapter_model.safetensors")
+    assert {t.dtype for t in peft.values()} == {torch.bfloat16} and len(peft) == 2 * 7 * 2
+    base = load_file(pathlib.Path(assets["llama"]) / "model.safetensors")
+    merged = load_file(out / "bf16" / "hf" / "model.safetensors")
+    for name in ("model.norm.weight", "model.embed_tokens.weight",
+                 "model.layers.1.input_layernorm.weight"):
+        assert torch.equal(merged[name], base[name].to(torch.bfloat16)), name
 
 
 def test_resume_is_bitwise_identical(runs):
