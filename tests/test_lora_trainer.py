@@ -4,6 +4,7 @@ in one spawn of 2 processes (start-up dominates on 2 cores):
 - DP=2, TP=2 and PP=2 LoRA runs with Q-Tuning give the same losses and Q-Tuning decisions (the
   same model function at every split), and the base weights stay as loaded;
 - --bf16: trains, both exports in bf16;
+- a checkpoint saved at DP=2 loads at TP=2 (adapters resharded): the same exports;
 - resume: 4 steps straight == 2 steps, save, load, 2 steps (DP=2, distributed optimizer, refill):
   losses bitwise equal, merged and peft exports byte-identical; the checkpoint holds the adapters
   (and their optimizer state) but no base weight;
@@ -77,6 +78,9 @@ def runs(assets, tmp_path_factory):
         ("tp2", _run(assets, out / "tp2", *QT, "--tensor-model-parallel-size", "2")),
         ("pp2", _run(assets, out / "pp2", *QT, "--pipeline-model-parallel-size", "2")),
         ("bf16", _run(assets, out / "bf16", *QT, "--bf16", *exports("bf16"))),
+        # the DP=2 run's final checkpoint loaded at TP=2 (adapters and Adam state resharded)
+        ("tp2_load", _run(assets, out / "tp2_load", *QT, "--tensor-model-parallel-size", "2",
+                          "--load", str(out / "dp2" / "checkpoints"), *exports("tp2_load"))),
         ("full", _run(assets, out / "full", *resume, *exports("full"), iters=4)),
         ("first_half", _run(assets, out / "half", *resume, "--exit-interval", "2", iters=4)),
         ("second_half", _run(assets, out / "half", *resume, *exports("half"), "--load",
@@ -131,6 +135,23 @@ def test_bf16_trains_and_exports_bf16(runs, assets):
     for name in ("model.norm.weight", "model.embed_tokens.weight",
                  "model.layers.1.input_layernorm.weight"):
         assert torch.equal(merged[name], base[name].to(torch.bfloat16)), name
+
+
+def test_checkpoint_reshards_to_another_tensor_parallel_size(runs):
+    """Loaded at TP=2 after the last iteration (nothing left to train), the DP=2 run's adapters
+    export to the same peft file and the same merged model."""
+    import torch
+    from safetensors.torch import load_file
+
+    out, results = runs
+    assert history_of(results, "tp2_load") == []
+    peft = [(out / d / "peft" / "adapter_model.safetensors").read_bytes()
+            for d in ("dp2", "tp2_load")]
+    assert peft[0] == peft[1]
+    merged = [load_file(out / d / "hf" / "model.safetensors") for d in ("dp2", "tp2_load")]
+    assert sorted(merged[0]) == sorted(merged[1])
+    for name, tensor in merged[0].items():
+        torch.testing.assert_close(merged[1][name], tensor, atol=1e-6, rtol=1e-6)
 
 
 def test_resume_is_bitwise_identical(runs):

@@ -13,7 +13,8 @@ else), RNG and trainer state; the base weights are read again from --hf-checkpoi
 which must have the fingerprint recorded at save (`run_fingerprint`, checked with the model's).
 Keys are `decoder.layers.<global layer>.<module>.adapter.linear_{in,out}.weight`; a
 column-parallel layer's B is split on dim 0 and a row-parallel layer's A on dim 1 (like their
-weights), the other tensor is replicated over TP.
+weights; linear_fc1's B through megatron's SwiGLU factory, its rows being [gate_r; up_r]), the
+other tensor is replicated over TP, so a checkpoint loads at another TP / PP / DP split.
 """
 
 from __future__ import annotations
@@ -40,15 +41,22 @@ def adapter_sharded_state(model_chunks) -> dict:
     """Every adapter's A and B as megatron `ShardedTensor`s (the parameters themselves, which
     the optimizer's `sharded_state_dict` matches by identity)."""
     from megatron.core import parallel_state as ps
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
     from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
     state = {}
     for layer in adapted_layers(model_chunks):
         axis = {"linear_out.weight": 0} if layer.kind == "column" else {"linear_in.weight": 1}
-        state.update(make_sharded_tensors_for_checkpoint(
-            layer.adapter.state_dict(prefix="", keep_vars=True), f"{layer.global_name}.adapter.",
-            axis, (), tp_group=layer.module.tp_group,
-            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True)))
+        prefix = f"{layer.global_name}.adapter."
+        tensors = make_sharded_tensors_for_checkpoint(
+            layer.adapter.state_dict(prefix="", keep_vars=True), prefix, axis, (),
+            tp_group=layer.module.tp_group,
+            dp_cp_group=ps.get_data_parallel_group(with_context_parallel=True))
+        if layer.name.endswith("linear_fc1") and layer.model.config.gated_linear_unit:
+            # this rank's B rows are [gate_r; up_r], as the weight's: megatron's own factory
+            key = f"{prefix}linear_out.weight"
+            tensors[key] = apply_swiglu_sharded_factory(tensors[key], ())
+        state.update(tensors)
     return state
 
 
