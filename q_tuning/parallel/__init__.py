@@ -29,4 +29,7 @@ Axis by axis, what happens in a Q-Tuning step and which module does it:
   `comm.world_size`; the command-line tools' own exchanges (`comm.barrier`,
   `comm.all_gather_tensors`, `comm.all_gather_objects`, `comm.gather_objects_to_first`, and
   `comm.all_reduce_sum_` of the trainer's step counts, host tensors included).
+- LoRA (`q_tuning.sft.lora`): the adapters' rank-r intermediate crosses the TP group through
+  megatron-core's autograd-aware mappings (`low_rank.column_parallel_intermediate`,
+  `low_rank.row_parallel_intermediate`).
 """

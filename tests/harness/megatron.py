@@ -212,6 +212,9 @@ def _tp_partition_dims(model) -> dict:
             dims.update({id(p): 0 for p in module.parameters(recurse=False)})
         elif isinstance(module, RowParallelLinear) and module.weight is not None:
             dims[id(module.weight)] = 1  # its bias is added after the all-reduce: replicated
+    for param in model.parameters():  # e.g. LoRA adapters, which mark their split themselves
+        if id(param) not in dims and getattr(param, "tensor_model_parallel", False):
+            dims[id(param)] = param.partition_dim
     return dims
 
 

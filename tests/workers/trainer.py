@@ -84,3 +84,13 @@ def run_many(rank: int, world_size: int, runs: list[tuple[str, list[str]]]) -> d
             results[name] = {"history": None, "error": f"{type(err).__name__}: {err}",
                              "hook": list(HOOK_CALLS)}
     return results
+
+
+def history_of(results: dict, name: str) -> list[dict]:
+    """The logged history of run `name` of `run_many`'s results (its error fails the test)."""
+    assert results[name]["error"] is None, f"{name}: {results[name]['error']}"
+    return results[name]["history"]
+
+
+def losses_of(history: list[dict]) -> list[float]:
+    return [h["loss"] for h in history]

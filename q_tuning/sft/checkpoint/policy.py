@@ -10,7 +10,8 @@ Public API:
         .find_resume_checkpoint()       the --load checkpoint, checked against this run
         .resume(parts, state)           collective: weights, optimizer, RNG, data position
         .save(parts, state)             collective
-        .export_hf(model, hf_config, tokenizer)
+        .export_hf(model, hf_config, tokenizer)    merged weights with LoRA
+        .export_lora(model)                        the peft adapter (--export-lora)
         .due(iteration), .has_saved(iteration)
     TrainingParts                       what a checkpoint holds besides the counters
 """
@@ -26,6 +27,7 @@ from typing import Any, Optional
 from q_tuning.parallel import comm
 from q_tuning.sft.checkpoint import files as checkpointing
 from q_tuning.sft.runtime import progress
+from q_tuning.sft.lora import checkpoint as lora_checkpoint
 
 logger = logging.getLogger("q_tuning.train")
 
@@ -70,7 +72,8 @@ def run_fingerprint(args: argparse.Namespace, hf_config, transformer_config, *,
                   "padded_vocab_size": padded_vocab_size(
                       hf_config.vocab_size, tp=a.tensor_model_parallel_size,
                       make_vocab_size_divisible_by=a.make_vocab_size_divisible_by),
-                  "tied_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False))},
+                  "tied_embeddings": bool(getattr(hf_config, "tie_word_embeddings", False)),
+                  "lora": lora_checkpoint.run_fingerprint(args)},  # None: full fine-tuning
         "parallel": {"tp": a.tensor_model_parallel_size, "pp": a.pipeline_model_parallel_size,
                      "vpp": a.virtual_pipeline_model_parallel_size,
                      "cp": a.context_parallel_size, "world_size": world_size},
@@ -165,8 +168,21 @@ class Checkpointer:
         return path
 
     def export_hf(self, model: list, hf_config, tokenizer) -> pathlib.Path:
-        """Collective: the model as an HF folder at --export-hf."""
+        """Collective: the model as an HF folder at --export-hf (with LoRA: the merged weights
+        W + alpha/R B A)."""
+        from q_tuning.sft.lora.layers import merged_weights
         from q_tuning.sft.hf.model import save_hf_checkpoint
 
-        with progress(f"exporting the model as an HF folder to {self.args.export_hf}"):
+        with progress(f"exporting the model as an HF folder to {self.args.export_hf}"), \
+                merged_weights(model):
             return save_hf_checkpoint(model, hf_config, tokenizer, self.args.export_hf)
+
+    def export_lora(self, model: list) -> pathlib.Path:
+        """Collective: the adapters as an HF peft adapter folder at --export-lora."""
+        from q_tuning.sft.lora.config import LoRAConfig
+        from q_tuning.sft.lora.export import save_peft_adapter
+
+        with progress(f"exporting the LoRA adapters (peft) to {self.args.export_lora}"):
+            return save_peft_adapter(model, LoRAConfig.from_args(self.args),
+                                     self.args.export_lora,
+                                     base_model=str(pathlib.Path(self.args.hf_checkpoint)))

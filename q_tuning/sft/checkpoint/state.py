@@ -23,6 +23,8 @@ import torch
 
 from q_tuning.parallel import comm
 from q_tuning.sft.hf.config import unwrap_model
+from q_tuning.sft.lora import checkpoint as lora_checkpoint
+from q_tuning.sft.lora import layers as lora_layers
 
 __all__ = ["RNG_KEY", "gather_rng_states", "init_empty_torch_adam_state", "load_model_state",
            "model_sharded_state", "restore_torch_adam_steps", "rng_sharded_object", "rng_state",
@@ -43,7 +45,9 @@ def sharded_metadata(use_distributed_optimizer: bool) -> dict:
 
 def model_sharded_state(model_chunks: Sequence[torch.nn.Module], metadata: dict) -> dict:
     """The bare models' sharded state (`model`, or `model0`, `model1`, ... with virtual pipeline
-    stages), as Megatron-LM checkpoints them."""
+    stages), as Megatron-LM checkpoints them; with LoRA adapters, those alone (`lora`)."""
+    if lora_layers.is_applied(model_chunks):  # the adapters only: the base comes from HF
+        return {lora_checkpoint.STATE_KEY: lora_checkpoint.adapter_sharded_state(model_chunks)}
     chunks = [unwrap_model(c) for c in model_chunks]
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict(metadata=metadata)}
@@ -52,6 +56,9 @@ def model_sharded_state(model_chunks: Sequence[torch.nn.Module], metadata: dict)
 
 def load_model_state(model_chunks: Sequence[torch.nn.Module], loaded: dict) -> None:
     """Copy the loaded `model_sharded_state` entries into the chunks (strict)."""
+    if lora_checkpoint.STATE_KEY in loaded:
+        lora_checkpoint.load_adapter_state(model_chunks, loaded[lora_checkpoint.STATE_KEY])
+        return
     chunks = [unwrap_model(c) for c in model_chunks]
     if len(chunks) == 1:
         chunks[0].load_state_dict(loaded["model"], strict=True)

@@ -4,6 +4,7 @@ which megatron parameter is which HF tensor, and the conversion both ways.
 Public API:
     load_hf_weights(model_chunks, hf_state_dict_or_path) -> None
     export_hf_state_dict(model_chunks, *, vocab_size=None, all_ranks=False) -> dict[str, Tensor]
+    hf_tensors_like(model, name, local, *, replicated) -> dict[str, Tensor]   (LoRA exports)
 
 Name mapping (HF `model.layers.<i>.` -> megatron `decoder.layers.<j>.`, where layer j of a chunk
 is global layer `layer_number - 1`, the offset megatron itself gave it for the PP/VPP stage):
@@ -54,11 +55,12 @@ from q_tuning.observe.progress import Progress
 from q_tuning.parallel import comm
 from q_tuning.sft.hf.config import HF_VOCAB_ATTR, unwrap_model
 from q_tuning.sft.hf.files import read_hf_checkpoint
+from q_tuning.sft.lora.config import is_adapter_parameter
 
 if TYPE_CHECKING:
     from megatron.core.models.gpt import GPTModel
 
-__all__ = ["export_hf_state_dict", "load_hf_weights"]
+__all__ = ["export_hf_state_dict", "hf_tensors_like", "load_hf_weights"]
 
 
 # --- megatron <-> HF tensors ---------------------------------------------------------------------
@@ -104,9 +106,12 @@ def _bare_models(model_chunks) -> list["GPTModel"]:
 
 
 def _chunk_params(model: "GPTModel") -> Iterator[_Param]:
-    """Every parameter of `model` with its HF source; ValueError for one this module cannot map."""
+    """Every parameter of `model` with its HF source (LoRA adapters, which have none, are
+    skipped: see `hf_tensors_like`); ValueError for one this module cannot map."""
     tied = model.share_embeddings_and_output_weights
     for name, param in model.named_parameters():
+        if is_adapter_parameter(name):
+            continue
         if name == _EMBED:
             yield _Param(name, param, "vocab", ("model.embed_tokens.weight",), None)
         elif name == _OUTPUT:  # a tied model's last stage holds a copy of the embedding
@@ -310,3 +315,23 @@ def export_hf_state_dict(model_chunks, *, vocab_size: Optional[int] = None,
     if tied:
         local["lm_head.weight"] = local["model.embed_tokens.weight"]
     return {k: local[k] for k in sorted(local, key=_hf_sort_key)}
+
+
+def hf_tensors_like(model, name: str, local: torch.Tensor, *,
+                    replicated: bool) -> dict[str, torch.Tensor]:
+    """The HF tensors (CPU) of a tensor laid out like megatron parameter `name` of the bare
+    chunk `model`, as `export_hf_state_dict` would convert that parameter: a LoRA B beside a
+    column-parallel weight (rows split over TP like the weight's, fused q/k/v per KV group or
+    [gate; up]) or a LoRA A beside a row-parallel one (columns split). Collective over the TP
+    group unless `replicated` (the tensor is the same on every TP rank, e.g. a column-parallel
+    layer's A): then each of the parameter's HF names gets the whole tensor (q, k and v share
+    it)."""
+    (p,) = [p for p in _chunk_params(model) if p.name == name]
+    if replicated:
+        return {hf_name: local.detach().cpu().clone() for hf_name in p.hf_names}
+    tp, _ = comm.size_and_rank(model.tp_group)
+    shards = (comm.all_gather_tensors(local.detach(), model.tp_group) if tp > 1
+              else [local.detach()])
+    full = _unshard([s.cpu() for s in shards], p)
+    return {k: v.clone() for k, v in _to_hf(p, full, model.config,
+                                            getattr(model, HF_VOCAB_ATTR, 0)).items()}

@@ -24,6 +24,7 @@ from typing import Sequence
 from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.observe.writers import WandbConfig, add_wandb_args
 from q_tuning.sft.train.presets import PRESETS, get_preset
+from q_tuning.sft.lora.config import add_lora_args, check_lora_args
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
            "samples_per_step", "check_writable_paths"]
@@ -70,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_parallelism_args(parser)
     _add_checkpointing_args(parser)
     _add_logging_args(parser)
+    add_lora_args(parser)
     add_q_tuning_args(parser)
     return parser
 
@@ -256,6 +258,7 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1 (it splits "
                          "activations over the tensor-parallel group)")
     QTuningConfig.from_args(args)  # preset values too; errors name the flag
+    check_lora_args(args)
     if args.no_save and args.save is not None:
         raise ValueError("--no-save and --save contradict each other")
     if args.save_interval is not None and args.save is None:
@@ -271,7 +274,7 @@ def check_writable_paths(args: argparse.Namespace) -> None:
     for flag, path in (("--output-dir", args.output_dir), ("--save", args.save),
                        ("--tensorboard-dir", args.tensorboard_dir),
                        ("--wandb-save-dir", getattr(args, "wandb_save_dir", None)),
-                       ("--export-hf", args.export_hf)):
+                       ("--export-hf", args.export_hf), ("--export-lora", args.export_lora)):
         if path is None:
             continue
         problem = _unwritable(pathlib.Path(path))

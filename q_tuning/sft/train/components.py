@@ -23,6 +23,7 @@ import torch
 
 from q_tuning.parallel import comm
 from q_tuning.sft.runtime import progress, seed_everything
+from q_tuning.sft.lora.config import LoRAConfig
 
 __all__ = ["build_data", "build_model", "build_optimizer", "build_transformer_config",
            "init_parallel_state", "max_tokens_per_row"]
@@ -94,20 +95,28 @@ def build_data(args: argparse.Namespace, *, world_size: int):
 def build_model(args: argparse.Namespace, hf_config, config, *, cuda: bool,
                 load_hf_weights: bool) -> list:
     """This rank's model chunks wrapped as Megatron-LM's `get_model` does (Float16Module with
-    --bf16, DDP), with the HF weights unless a checkpoint will give them."""
+    --bf16, DDP), with the HF weights unless a checkpoint will give them; with --lora-rank the
+    base is frozen and adapters are added (`q_tuning.sft.lora`)."""
     from megatron.core.distributed import (DistributedDataParallel,
                                            DistributedDataParallelConfig, finalize_model_grads)
     from megatron.core.transformer.module import Float16Module
 
     from q_tuning.sft.hf import model as hf_model
 
+    lora = LoRAConfig.from_args(args)
     chunks = hf_model.build_gpt_model_chunks(
-        hf_config, config=config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by)
+        hf_config, config=config, make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        # LoRA adapts megatron's local linear layers (not transformer-engine's fused ones)
+        use_transformer_engine=False if lora is not None else None)
     if cuda:
         chunks = [c.cuda(torch.cuda.current_device()) for c in chunks]
-    if load_hf_weights:
+    if load_hf_weights or lora is not None:  # a LoRA checkpoint holds the adapters only
         with progress(f"loading weights from {args.hf_checkpoint}"):
             hf_model.load_hf_weights(chunks, args.hf_checkpoint)
+    if lora is not None:  # before the wrappers: DDP and the optimizer see the frozen base
+        from q_tuning.sft.lora.layers import apply_lora
+
+        apply_lora(chunks, lora, seed=args.seed)
     if args.bf16:
         chunks = [Float16Module(config, c) for c in chunks]
     ddp_config = DistributedDataParallelConfig(

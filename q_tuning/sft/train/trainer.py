@@ -135,6 +135,9 @@ class Trainer:
     def export_hf(self):
         return self.checkpointer.export_hf(self.model, self.hf_config, self.tokenizer)
 
+    def export_lora(self):
+        return self.checkpointer.export_lora(self.model)
+
     # -- one step ---------------------------------------------------------------------------------
 
     def next_batch(self) -> dict[str, list]:
@@ -330,12 +333,13 @@ class Trainer:
                         f", saving a checkpoint to {args.save}" if unsaved else "")
         if unsaved and iteration > 0:
             self.save()
-        if args.export_hf:
-            if self.stop_reason is None:
-                self.export_hf()
-            else:
-                logger.info("--export-hf: not exported, the run stopped before --train-iters "
-                            "(resume it with --load to finish and export)")
+        for flag, export in (("--export-hf", args.export_hf and self.export_hf),
+                             ("--export-lora", args.export_lora and self.export_lora)):
+            if export and self.stop_reason is None:
+                export()
+            elif export:
+                logger.info("%s: not exported, the run stopped before --train-iters (resume it "
+                            "with --load to finish and export)", flag)
 
     def close(self) -> None:
         from megatron.core import parallel_state as ps
