@@ -1,0 +1,1 @@
+"""SFT data: record formats, chat-template rendering and loss masks, and the tokenized-data cache."""
