@@ -143,5 +143,5 @@ def test_a_part_that_is_not_text_is_an_error_naming_file_and_line(tmp_path):
         {"role": "assistant", "content": "A cat."}]}
     path = write_jsonl(tmp_path / "d.jsonl", [CASES["prompt-response"][0], image])
     with pytest.raises(UnsupportedContent,
-                       match=rf"d\.jsonl:2: messages\[0\]\.content\[1\] is a 'image_url' part"):
+                       match=r"d\.jsonl:2: messages\[0\]\.content\[1\] is a 'image_url' part"):
         read_conversation_files(path)
