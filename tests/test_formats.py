@@ -145,3 +145,14 @@ def test_a_part_that_is_not_text_is_an_error_naming_file_and_line(tmp_path):
     with pytest.raises(UnsupportedContent,
                        match=r"d\.jsonl:2: messages\[0\]\.content\[1\] is a 'image_url' part"):
         read_conversation_files(path)
+
+
+def test_the_docs_show_the_table_of_the_code():
+    import pathlib
+
+    from q_tuning.sft.data.formats import FORMATS
+
+    docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data.md").read_text()
+    for name, spec in FORMATS.items():
+        keys = ", ".join(f"`{k}`" for k in spec.keys)
+        assert f"| `{name}` | {keys} | {spec.summary} |" in docs, name

@@ -100,7 +100,8 @@ _SHAPES: dict[tuple, _TemplateShape] = {}
 
 def _template_shape(tokenizer, kwargs: dict) -> _TemplateShape:
     """Learned once per (template, kwargs) from a probe conversation."""
-    key = (id(tokenizer), tokenizer.chat_template, json.dumps(kwargs, sort_keys=True, default=str))
+    key = (tuple(tokenizer.all_special_tokens), tokenizer.chat_template,
+           json.dumps(kwargs, sort_keys=True, default=str))
     if key not in _SHAPES:
         user = [{"role": "user", "content": "Hi"}]
         bare = render_chat(tokenizer, user, "<probe>", template_kwargs=kwargs)
@@ -141,7 +142,13 @@ def _target_spans(tokenizer, messages, text: str, source: str, tools, kwargs
             continue
         sentinel = _sentinel(i, text)
         probe = [*messages[:i], {"role": "assistant", "content": sentinel}, *messages[i + 1:]]
-        other = render_chat(tokenizer, probe, source, tools=tools, template_kwargs=kwargs)
+        try:
+            other = render_chat(tokenizer, probe, source, tools=tools, template_kwargs=kwargs)
+        except DataError as err:
+            raise DataError(f"{source}: cannot locate assistant message {i}: the chat template "
+                            "fails when that turn's content is replaced by a sentinel and its "
+                            f"tool calls removed ({err.__cause__}); give it {{% generation %}} "
+                            "marks (--chat-template)") from err
         start, end = _differing_region(text, other)
         where, other_end = other.find(sentinel), len(other) - (len(text) - end)
         if other.count(sentinel) != 1 or not start <= where <= other_end - len(sentinel):
