@@ -33,6 +33,7 @@ import torch
 
 from q_tuning._files import atomic_path
 from q_tuning.sft.data.config import DataConfig
+from q_tuning.train.conversations import data_files
 
 __all__ = ["CACHE_VERSION", "cache_key", "cache_path", "load_cache", "save_cache"]
 
@@ -59,7 +60,7 @@ def cache_key(config: DataConfig, tokenizer) -> str:
         raise ValueError(f"{type(tokenizer).__name__} is not a fast tokenizer; q_tuning needs one")
     parts = {
         "version": CACHE_VERSION,
-        "files": [_file_digest(p) for p in config.paths],
+        "files": [_file_digest(str(p)) for p in data_files(config.paths)],
         "tokenizer": hashlib.sha256(backend.to_str().encode()).hexdigest(),
         "special": sorted(map(str, tokenizer.special_tokens_map.items())),
         "template": tokenizer.chat_template,

@@ -76,14 +76,16 @@ def prepare_cache(config: DataConfig, tokenizer, *, progress: bool | None = None
 def prepare_on_node_leaders(config: DataConfig, tokenizer) -> None:
     """Collective over the default group: the lowest rank of each host prepares the cache, with
     a progress bar; every rank returns once all hosts are done, or raises the same error."""
-    error = None
+    failure = None
     if config.cache_dir is not None and comm.is_node_leader():
         try:
             prepare_cache(config, tokenizer, progress=True)
-        except (ValueError, OSError) as err:  # DataError, a cache folder we cannot write
-            error = str(err)
-    agreed = comm.errors_on_ranks(error)
+        except (ValueError, OSError) as err:  # DataError, a missing file, an unwritable cache
+            failure = err
+    agreed = comm.errors_on_ranks(None if failure is None else str(failure))
     if agreed is not None:
+        if comm.world_size() == 1:
+            raise failure
         raise DataError(agreed)
 
 
