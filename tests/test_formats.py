@@ -156,3 +156,28 @@ def test_the_docs_show_the_table_of_the_code():
     for name, spec in FORMATS.items():
         keys = ", ".join(f"`{k}`" for k in spec.keys)
         assert f"| `{name}` | {keys} | {spec.summary} |" in docs, name
+
+
+def test_data_flags_are_checked_at_parse_time(tmp_path, capsys):
+    from q_tuning.sft.data.config import DataConfig
+    from q_tuning.train.arguments import parse_args
+
+    base = ["--hf-checkpoint", "m", "--data-path", "d.jsonl", "--global-batch-size", "2",
+            "--train-iters", "1"]
+    for extra, message in (
+            (["--chat-template-kwargs", "[1]"], "--chat-template-kwargs: expected a JSON object"),
+            (["--chat-template-kwargs", "{enable"], "--chat-template-kwargs: not JSON"),
+            (["--chat-template", str(tmp_path / "no.jinja")], "no.jinja: no such file"),
+            (["--tokenizer-workers", "0"], "--tokenizer-workers"),
+            (["--data-format", "csv"], "--data-format: invalid choice")):
+        with pytest.raises(SystemExit):
+            parse_args(base + extra)
+        assert message in capsys.readouterr().err, extra
+    args = parse_args(base + ["--chat-template-kwargs", '{"enable_thinking": false}',
+                              "--output-dir", str(tmp_path / "out")])
+    config = DataConfig.from_args(args)
+    assert config.chat_template_kwargs == {"enable_thinking": False}
+    assert config.cache_dir == str(tmp_path / "out" / "data_cache")
+    assert DataConfig.from_args(parse_args(base + ["--no-data-cache"])).cache_dir is None
+    assert DataConfig.from_args(parse_args(
+        base + ["--data-cache-path", str(tmp_path / "c")])).cache_dir == str(tmp_path / "c")
