@@ -103,14 +103,17 @@ def test_tool_and_empty_assistant_turns(tok):
      r"fits several formats \(messages, prompt-response\)"),
     ('{"messages": [{"role": "assistant", "content": "a"}]}', r"starts with an assistant turn"),
 ])
-def test_bad_record_is_a_named_skip_and_a_strict_error(tok, tmp_path, line, message):
-    """A record that fits no format or breaks its format: counted and named in the summary;
-    --strict-data stops with file:line and the reason."""
+def test_bad_record_is_a_named_skip_and_a_strict_error(tok, tmp_path, line, message, caplog):
+    """A record that fits no format or breaks its format: counted and named in the summary, its
+    reason logged; --strict-data stops with file:line and the reason."""
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "", line])
     result = read_conversation_files(path)
     assert [src for src, _ in result.bad] == [f"{path}:3"]
     assert re.search(message, result.bad[0][1]), result.bad[0][1]
-    samples, stats = load_sft_samples(path, tok, seq_length=64)
+    with caplog.at_level("WARNING", logger="q_tuning"):
+        samples, stats = load_sft_samples(path, tok, seq_length=64)
+    assert any(re.search(rf"bad\.jsonl:3 skipped: .*{message}", r.getMessage())
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
     assert [s.source for s in samples] == [f"{path}:1"] and stats.skipped_bad_record == 1
     assert f"1 skipped (fits no format or breaks its format) [{path}:3]" in stats.summary()
     with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}"):

@@ -25,7 +25,8 @@ from q_tuning.parallel import comm
 from q_tuning.sft.data.cache import cache_key, cache_path, load_cache, save_cache
 from q_tuning.sft.data.config import DataConfig, apply_chat_template_override
 from q_tuning.sft.data.reader import read_conversation_files
-from q_tuning.sft.data.samples import DataStats, Sample, assemble, strict_error
+from q_tuning.sft.data.samples import (EXAMPLES, SKIP_NO_ASSISTANT, SKIP_TOO_LONG, DataStats,
+                                       Sample, assemble, strict_error)
 from q_tuning.sft.data.tokenizing import tokenize_all
 from q_tuning.train.conversations import DataError
 
@@ -56,6 +57,10 @@ def load_samples(config: DataConfig, tokenizer, *, progress: bool | None = None
     if config.strict and skipped:
         raise strict_error(skipped, stats.files)
     logger.info("data: %s", stats.summary(config.seq_length))
+    unread = [item for item in skipped
+              if not item[1].startswith((SKIP_NO_ASSISTANT, SKIP_TOO_LONG))]
+    for source, why in unread[:EXAMPLES]:
+        logger.warning("data: %s skipped: %s", source, why)
     if not samples:
         raise DataError(f"no trainable sample in {', '.join(stats.files)}: "
                         f"{stats.summary(config.seq_length)}")
