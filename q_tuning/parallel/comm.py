@@ -250,3 +250,16 @@ def any_rank(flags) -> list[bool]:
     t = torch.tensor([int(v) for v in values], dtype=torch.int32, device=_device(None))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return [bool(v) for v in t.tolist()]
+
+
+def is_node_leader() -> bool:
+    """Collective over the default group: True on the lowest global rank of each host (by host
+    name), for work done once per machine (tokenizing into a shared cache); True without a
+    process group."""
+    import socket
+
+    hosts = all_gather_objects(socket.gethostname(), None)
+    if len(hosts) == 1:
+        return True
+    me = dist.get_rank()
+    return hosts.index(hosts[me]) == me

@@ -7,6 +7,7 @@ tests fail with the install hint rather than skip.
 
 import json
 import os
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from q_tuning.sft.hf.assets import load_tokenizer
+from q_tuning.sft.data.reader import read_conversation_files
 from q_tuning.sft.data.dataset import (DataError, DataStats, Sample, SFTDataset, load_sft_samples,
                                  read_conversations, tokenize_conversation)
 from experiments.gsm.gsm_symbolic import build_gsm_splits, main as gsm_main
@@ -73,6 +75,7 @@ def test_prompt_response_equals_user_assistant(tok, tmp_path):
                       {"role": "assistant", "content": "Blue."}]}])
     samples, stats = load_sft_samples([path], tok, seq_length=4096)
     assert len(samples) == 2 and stats.records == 2
+    assert stats.formats == {str(path): {"prompt-response": 1, "messages": 1}}
     assert torch.equal(samples[0].tokens, samples[1].tokens)
     assert torch.equal(samples[0].loss_mask, samples[1].loss_mask)
     assert tok.decode(samples[0].tokens[samples[0].loss_mask.bool()]) == "Blue.<|im_end|>"
@@ -89,32 +92,44 @@ def test_tool_and_empty_assistant_turns(tok):
 # ----------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("line, message", [
-    ('{"prompt": "a", "response": ', r"malformed JSON"),
     ('[1, 2]', r"expected a JSON object"),
-    ('{"prompt": "a"}', r"no 'response'"),
-    ('{"prompt": "a", "response": 3}', r"'response' must be a string"),
-    ('{"text": "a"}', r"expected a 'messages' list or 'prompt' and 'response'"),
+    ('{"prompt": "a"}', r"fits no format \(keys found: \['prompt'\]"),
+    ('{"prompt": "a", "response": 3}', r"'response' must be a string \(read as prompt-response\)"),
+    ('{"text": "a"}', r"fits no format"),
     ('{"messages": []}', r"non-empty list"),
     ('{"messages": [{"role": "user"}]}', r"messages\[0\] has no 'content'"),
     ('{"messages": [{"role": "bot", "content": "a"}]}', r"unknown role 'bot'"),
-    ('{"messages": [{"role": "user", "content": "a"}], "prompt": "a"}', r"both"),
+    ('{"messages": [{"role": "user", "content": "a"}], "prompt": "a", "response": "b"}',
+     r"fits several formats \(messages, prompt-response\)"),
+    ('{"messages": [{"role": "assistant", "content": "a"}]}', r"starts with an assistant turn"),
 ])
-def test_bad_record_names_file_and_line(tmp_path, line, message):
+def test_bad_record_is_a_named_skip_and_a_strict_error(tok, tmp_path, line, message, caplog):
+    """A record that fits no format or breaks its format: counted and named in the summary, its
+    reason logged; --strict-data stops with file:line and the reason."""
     path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "", line])
+    result = read_conversation_files(path)
+    assert [src for src, _ in result.bad] == [f"{path}:3"]
+    assert re.search(message, result.bad[0][1]), result.bad[0][1]
+    with caplog.at_level("WARNING", logger="q_tuning"):
+        samples, stats = load_sft_samples(path, tok, seq_length=64)
+    assert any(re.search(rf"bad\.jsonl:3 skipped: .*{message}", r.getMessage())
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
+    assert [s.source for s in samples] == [f"{path}:1"] and stats.skipped_bad_record == 1
+    assert f"1 skipped (fits no format or breaks its format) [{path}:3]" in stats.summary()
     with pytest.raises(DataError, match=rf"bad\.jsonl:3: .*{message}"):
+        load_sft_samples(path, tok, seq_length=64, strict=True)
+
+
+def test_damaged_lines_are_errors(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "q", "response": "a"}, "",
+                                                '{"prompt": "a", "response": '])
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: malformed JSON"):
         read_conversations(path)
-
-
-def test_not_utf8_and_assistant_first(tok, tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "q", "response": "a"}\n'
                      b'{"prompt": "caf\xe9", "response": "a"}\n')
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
         read_conversations(path)
-    path = write_jsonl(tmp_path / "d.jsonl",
-                       [{"messages": [{"role": "assistant", "content": "a"}]}])
-    with pytest.raises(DataError, match=r"d\.jsonl:1: the conversation starts with an assistant"):
-        load_sft_samples(path, tok, seq_length=64)
 
 
 def test_missing_file(tmp_path):

@@ -1,1 +1,1 @@
-"""SFT data: conversation formats and the tokenised dataset the trainer reads."""
+"""SFT data: record formats, chat-template rendering and loss masks, and the tokenized-data cache."""

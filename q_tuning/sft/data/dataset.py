@@ -3,171 +3,83 @@
 Public API:
     ROLES
     DataError
-    Conversation(source, messages)
+    Conversation(source, messages, tools, template_kwargs)
     Sample(tokens, loss_mask, source, index, truncated)
     DataStats
-    read_conversations(paths) -> (list[Conversation], skipped_no_assistant)
-    SKIP_NO_ASSISTANT, SKIP_TOO_LONG, TRUNCATED
-    tokenize_conversation(tokenizer, messages, source=...) -> (tokens, loss_mask)
-    load_sft_samples(paths, tokenizer, seq_length, *, strict=False) -> (list[Sample], DataStats)
+    DataConfig
+    read_conversations(paths, data_format="auto") -> (list[Conversation], skipped)
+    SKIP_NO_ASSISTANT, SKIP_BAD_RECORD, SKIP_TOO_LONG, TRUNCATED
+    tokenize_conversation(tokenizer, messages, source=..., tools=..., template_kwargs=...)
+        -> (tokens, loss_mask)
+    load_sft_samples(paths, tokenizer, seq_length, *, strict=False, **options)
+        -> (list[Sample], DataStats)
     SFTDataset(samples, seed=..., stats=None), SFTDataset.from_jsonl(paths, tokenizer, ...)
 
-Reading the JSONL records and tokenizing them through the chat template (the input format and
-the loss-mask convention) are in `q_tuning.sft.data.conversations`; its names are re-exported here.
+The pieces live in `q_tuning.sft.data`: the record formats (`formats`, `reader`), the loss masks
+from the rendering of the whole conversation (`masks`), tokenizing in workers (`tokenizing`), the
+on-disk cache (`cache`, `loading`); docs/data.md describes them for users.
 
 Bad records, one rule each (`DataStats.summary` is logged at start-up and names the `file:line`
 of the first few skipped or truncated records; `strict=True`, `--strict-data`, turns every skip
 into a DataError naming them):
-    malformed JSON, bytes that are not UTF-8, a record that is not an object, a missing or
-    mistyped field, an unknown role, an assistant turn first,
-    a chat template that fails on the record          rejected: DataError `file:line: ...`
+    malformed JSON, bytes that are not UTF-8, a content
+    part that is not text, a chat template that fails
+    on the record                                      rejected: DataError `file:line: ...`
+    a record that fits no format, or breaks its
+    format (a missing or mistyped field, an unknown
+    role, an assistant turn first)                     skipped, counted (with the reason)
     no assistant turn                                  skipped, counted
     no assistant token within --seq-length (the
     response is empty after truncation)                skipped, counted
     longer than --seq-length, with an assistant
     token within it                                    truncated to --seq-length, kept, counted
     no record left to train on                         DataError (with the summary)
-A rejected record means the file is not what the run assumes (wrong format, encoding or schema),
-so training on the rest would be training on something else; a skipped one is well-formed but
-has nothing to learn from.
+A rejected record means the file is damaged or holds what this trainer cannot represent, so
+training on the rest would be training on something else; a skipped one has nothing to learn
+from, or is not in a format it can be read in (listed with the reason).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
-from q_tuning.sft.data.conversations import (ROLES, Conversation, DataError, data_files,
-                                          read_conversation_files, read_conversations,
-                                          render_chat, tokenize_conversation)
+from q_tuning.sft.data.config import DataConfig
+from q_tuning.sft.data.loading import load_samples
+from q_tuning.sft.data.masks import tokenize_conversation
+from q_tuning.sft.data.reader import read_conversations
+from q_tuning.sft.data.samples import (EXAMPLES, SKIP_BAD_RECORD, SKIP_NO_ASSISTANT,
+                                       SKIP_TOO_LONG, TRUNCATED, DataStats, Sample)
+from q_tuning.sft.data.conversations import ROLES, Conversation, DataError, render_chat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-logger = logging.getLogger(__name__)
+__all__ = ["EXAMPLES", "ROLES", "SKIP_BAD_RECORD", "SKIP_NO_ASSISTANT", "SKIP_TOO_LONG",
+           "TRUNCATED", "Conversation", "DataConfig", "DataError", "DataStats", "SFTDataset",
+           "Sample", "load_sft_samples", "read_conversations", "render_chat",
+           "tokenize_conversation"]
 
-__all__ = ["EXAMPLES", "ROLES", "SKIP_NO_ASSISTANT", "SKIP_TOO_LONG", "TRUNCATED", "Conversation",
-           "DataError", "DataStats", "SFTDataset", "Sample", "load_sft_samples",
-           "read_conversations", "render_chat", "tokenize_conversation"]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Sample:
-    tokens: torch.Tensor  # (T,) int64
-    loss_mask: torch.Tensor  # (T,) int64, 0/1; 1 = token t is a training target
-    source: str  # "file:line" of the JSONL record
-    index: int  # position in the dataset (stable across epochs and resumes)
-    truncated: bool = False
+Paths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
-SKIP_NO_ASSISTANT = "no assistant turn"
-SKIP_TOO_LONG = "no assistant token within --seq-length"
-TRUNCATED = "truncated to --seq-length"
-EXAMPLES = 5  # file:line examples kept per kind
-
-
-@dataclasses.dataclass(slots=True)
-class DataStats:
-    files: tuple[str, ...] = ()
-    records: int = 0  # non-blank JSONL lines
-    samples: int = 0  # kept
-    skipped_no_assistant: int = 0
-    truncated: int = 0  # kept, but cut to seq_length
-    skipped_too_long: int = 0  # no target token within seq_length: dropped
-    tokens: int = 0  # over kept samples, after truncation
-    loss_tokens: int = 0
-    # kind (SKIP_NO_ASSISTANT, SKIP_TOO_LONG, TRUNCATED) -> the first EXAMPLES "file:line"
-    examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)
-
-    @property
-    def skipped(self) -> int:
-        return self.skipped_no_assistant + self.skipped_too_long
-
-    def note(self, kind: str, source: str) -> None:
-        first = self.examples.setdefault(kind, [])
-        if len(first) < EXAMPLES:
-            first.append(source)
-
-    def summary(self, seq_length: int | None = None) -> str:
-        limit = f" --seq-length {seq_length}" if seq_length is not None else " seq_length"
-        return (f"{self.samples} samples ({self.tokens} tokens, {self.loss_tokens} trained) from "
-                f"{self.records} records in {len(self.files)} file(s); "
-                f"{self.skipped_no_assistant} skipped (no assistant turn)"
-                f"{self._where(SKIP_NO_ASSISTANT, self.skipped_no_assistant)}, "
-                f"{self.truncated} truncated to{limit}{self._where(TRUNCATED, self.truncated)}, "
-                f"{self.skipped_too_long} skipped (no assistant token within{limit})"
-                f"{self._where(SKIP_TOO_LONG, self.skipped_too_long)}")
-
-    def _where(self, kind: str, count: int) -> str:
-        first = self.examples.get(kind, [])
-        if not count or not first:
-            return ""
-        more = f" and {count - len(first)} more" if count > len(first) else ""
-        return f" [{', '.join(first)}{more}]"
-
-
-def load_sft_samples(paths: str | os.PathLike | Sequence[str | os.PathLike],
-                     tokenizer: "PreTrainedTokenizerBase", seq_length: int, *,
-                     strict: bool = False) -> tuple[list[Sample], DataStats]:
+def load_sft_samples(paths: Paths, tokenizer: "PreTrainedTokenizerBase", seq_length: int, *,
+                     strict: bool = False, **options) -> tuple[list[Sample], DataStats]:
     """Read, tokenize and truncate to `seq_length` tokens; logs and returns the counts.
 
-    The module docstring's rules: a sample longer than seq_length keeps its first seq_length
-    tokens (counted as truncated); one with no target token left is dropped (counted as
-    skipped_too_long); one without an assistant turn is dropped (skipped_no_assistant). With
-    `strict`, any dropped record raises a DataError naming it (after reading everything, so the
-    message counts them all).
+    `options` are the other `DataConfig` fields (data_format, chat_template,
+    chat_template_kwargs, tokenizer_workers, cache_dir: None by default, so nothing is cached).
+    The module docstring's rules: with `strict`, any skipped record raises a DataError naming it
+    (after reading everything, so the message counts them all).
     """
-    if isinstance(seq_length, bool) or not isinstance(seq_length, int) or seq_length < 2:
-        raise ValueError(f"--seq-length must be an integer >= 2, got {seq_length!r}")
-    conversations, no_assistant = read_conversation_files(paths)
-    stats = DataStats(files=tuple(str(p) for p in data_files(paths)),
-                      skipped_no_assistant=len(no_assistant))
-    for source in no_assistant:
-        stats.note(SKIP_NO_ASSISTANT, source)
-    stats.records = len(conversations) + len(no_assistant)
-    samples: list[Sample] = []
-    skipped: list[tuple[str, str]] = [(src, SKIP_NO_ASSISTANT) for src in no_assistant]
-    for conv in conversations:
-        tokens, loss_mask = tokenize_conversation(tokenizer, conv.messages, source=conv.source)
-        truncated = len(tokens) > seq_length
-        if truncated:
-            tokens, loss_mask = tokens[:seq_length], loss_mask[:seq_length]
-            # mask[0] is never a target the trainer can use (it predicts tokens[1:])
-            if not bool(loss_mask[1:].any()):
-                stats.skipped_too_long += 1
-                stats.note(SKIP_TOO_LONG, conv.source)
-                skipped.append((conv.source, f"{SKIP_TOO_LONG} {seq_length}"))
-                continue
-            stats.truncated += 1
-            stats.note(TRUNCATED, conv.source)
-        samples.append(Sample(tokens, loss_mask, conv.source, len(samples), truncated))
-        stats.tokens += len(tokens)
-        stats.loss_tokens += int(loss_mask.sum())
-    stats.samples = len(samples)
-    if strict and skipped:
-        skipped.sort(key=lambda item: _source_order(item[0], stats.files))
-        first_source, reason = skipped[0]
-        listed = "; ".join(f"{src} ({why})" for src, why in skipped[:EXAMPLES])
-        more = f" and {len(skipped) - EXAMPLES} more" if len(skipped) > EXAMPLES else ""
-        raise DataError(f"{first_source}: {reason} (--strict-data: {len(skipped)} record(s) "
-                        f"would be skipped: {listed}{more})")
-    logger.info("data: %s", stats.summary(seq_length))
-    if not samples:
-        raise DataError(f"no trainable sample in {', '.join(stats.files)}: "
-                        f"{stats.summary(seq_length)}")
-    return samples, stats
-
-
-def _source_order(source: str, files: Sequence[str]) -> tuple[int, int]:
-    """Sort key of a "file:line" source: the file's position in --data-path, then the line."""
-    path, _, line = source.rpartition(":")
-    return (files.index(path) if path in files else len(files), int(line))
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    config = DataConfig(tuple(str(p) for p in paths), seq_length, strict=strict, **options)
+    return load_samples(config, tokenizer)
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -200,10 +112,10 @@ class SFTDataset:
         self._perm: list[int] = []
 
     @classmethod
-    def from_jsonl(cls, paths: str | os.PathLike | Sequence[str | os.PathLike],
-                   tokenizer: "PreTrainedTokenizerBase", *, seq_length: int,
-                   seed: int, strict: bool = False) -> "SFTDataset":
-        samples, stats = load_sft_samples(paths, tokenizer, seq_length, strict=strict)
+    def from_jsonl(cls, paths: Paths, tokenizer: "PreTrainedTokenizerBase", *, seq_length: int,
+                   seed: int, strict: bool = False, **options) -> "SFTDataset":
+        """`load_sft_samples` (options: the other DataConfig fields) in a dataset."""
+        samples, stats = load_sft_samples(paths, tokenizer, seq_length, strict=strict, **options)
         return cls(samples, seed=seed, stats=stats)
 
     def digest(self) -> str:

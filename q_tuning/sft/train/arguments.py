@@ -25,6 +25,7 @@ from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args,
 from q_tuning.observe.writers import WandbConfig, add_wandb_args
 from q_tuning.sft.train.presets import PRESETS, get_preset
 from q_tuning.sft.lora.config import add_lora_args, check_lora_args
+from q_tuning.sft.data.config import DataConfig, add_data_format_args
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
            "samples_per_step", "check_writable_paths"]
@@ -94,7 +95,9 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
-                   help="JSONL file(s): chat 'messages' or 'prompt'/'response' per line")
+                   help="JSONL file(s), one record per line in any format of --data-format "
+                        "(docs/data.md)")
+    add_data_format_args(g)
     g.add_argument("--seq-length", type=positive_int, default=2048,
                    help="longest sample in tokens; longer ones are truncated (counted in the log)")
     g.add_argument("--seed", type=int, default=1234, help="data order and RNG seed")
@@ -233,6 +236,8 @@ def _check(args: argparse.Namespace) -> None:
         if missing:
             raise ValueError(f"{', '.join(missing)} required (or use --preset, e.g. "
                              f"--preset {next(iter(PRESETS))})")
+    if args.data_path is not None:
+        DataConfig.from_args(args)  # errors name the flag
     if (args.train_iters is None) == (args.num_epochs is None):
         raise ValueError("give exactly one of --train-iters and --num-epochs")
     if args.min_lr > args.lr:

@@ -62,27 +62,37 @@ def build_transformer_config(args: argparse.Namespace, hf_config, *, cuda: bool)
 
 
 def build_data(args: argparse.Namespace, *, world_size: int):
-    """Tokenizer and dataset, read on every rank. A failure on any rank (bad data, a missing
-    file, a tokenizer that does not load) or ranks that read different data are an error on
-    every rank, so no rank goes on into the model's collectives alone."""
+    """Tokenizer and dataset. The data is tokenized once per host into the cache (its lowest rank
+    works, with a progress bar, while the others wait) and every rank loads it (with
+    --no-data-cache every rank tokenizes). A failure on any rank (bad data, a missing file, a
+    tokenizer that does not load) or ranks that read different data are an error on every rank,
+    so no rank goes on into the model's collectives alone."""
+    from q_tuning.sft.data.config import DataConfig, apply_chat_template_override
+    from q_tuning.sft.data.loading import prepare_on_node_leaders
     from q_tuning.sft.hf.assets import load_tokenizer
     from q_tuning.sft.data.dataset import SFTDataset
 
+    config = DataConfig.from_args(args)
     error, tokenizer, dataset = None, None, None
     try:
         with progress("loading the tokenizer"):
             tokenizer = load_tokenizer(args.tokenizer_path or args.hf_checkpoint)
-        with progress(f"tokenizing {', '.join(args.data_path)}"):
-            dataset = SFTDataset.from_jsonl(args.data_path, tokenizer,
-                                            seq_length=args.seq_length, seed=args.seed,
-                                            strict=args.strict_data)
+            apply_chat_template_override(tokenizer, config.chat_template)
+    except (ValueError, OSError) as err:
+        if world_size == 1:
+            raise
+        error = str(err)
+    _agree(error)
+    prepare_on_node_leaders(config, tokenizer)
+    try:
+        dataset = SFTDataset.from_jsonl(
+            config.paths, tokenizer, seq_length=config.seq_length, seed=args.seed,
+            strict=config.strict, **config.options())
     except (ValueError, OSError) as err:  # DataError, FileNotFoundError, I/O errors
         if world_size == 1:
             raise
         error = str(err)
-    agreed = comm.errors_on_ranks(error)
-    if agreed is not None:
-        raise ValueError(error if error is not None and agreed.startswith("all ") else agreed)
+    _agree(error)
     what = f"{len(dataset)} samples, digest {dataset.digest()}"
     seen = comm.all_gather_objects(what, None)
     if len(set(seen)) > 1:
@@ -90,6 +100,14 @@ def build_data(args: argparse.Namespace, *, world_size: int):
             f"rank {r}: {w}" for r, w in enumerate(seen)) + "): give every rank the same "
             "--data-path files, --seq-length and tokenizer")
     return tokenizer, dataset
+
+
+def _agree(error: str | None) -> None:
+    """Collective: raise on every rank when any rank has an error (its own text when all ranks
+    agree on it)."""
+    agreed = comm.errors_on_ranks(error)
+    if agreed is not None:
+        raise ValueError(error if error is not None and agreed.startswith("all ") else agreed)
 
 
 def build_model(args: argparse.Namespace, hf_config, config, *, cuda: bool,
