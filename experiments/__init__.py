@@ -1,0 +1,1 @@
+"""Experiment code outside the installed package: data preparation, grids and their tables."""
