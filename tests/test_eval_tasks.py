@@ -15,7 +15,7 @@ pytest.importorskip("transformers")
 
 from q_tuning.train import evaluate as E  # noqa: E402
 from q_tuning.train.eval_tasks import mmlu, nll, qa, rows as R  # noqa: E402
-from tests.harness.hf import save_tiny_llama, slow_greedy  # noqa: E402
+from tests.harness.hf import one_torch_thread, save_tiny_llama, slow_greedy  # noqa: E402,F401
 
 MMLU = [{"id": 0, "subject": "astronomy", "question": "Which planet is largest?",
          "choices": ["Mars", "Jupiter", "Venus", "Mercury"], "answer": 1},
@@ -34,16 +34,8 @@ PAIRS = [{"id": i, "prompt": p, "response": r} for i, (p, r) in enumerate([
     ("Sum 2 and 3.", "5")])]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, one_torch_thread):
     folder = tmp_path_factory.mktemp("tiny_llama")
     save_tiny_llama(folder, tmp_path_factory.getbasetemp() / "q_tuning_cache")
     model, tokenizer = E.load_model(str(folder))

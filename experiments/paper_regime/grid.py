@@ -94,12 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--data: give prepare.py's folder, or --tiny (which makes its own data)")
     if args.no_lora and not args.tiny:
         parser.error("--no-lora: only with --tiny (the grid's recipe is LoRA)")
-    size = dict(SIZES["tiny" if args.tiny else "real"])
-    if args.seeds:
-        size["seeds"] = tuple(args.seeds)
-    out, results = pathlib.Path(args.out), pathlib.Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    size, out, results = gsm_grid.grid_setup(args, SIZES)
     if not args.table:
         data = R.write_tiny_data(out / "data") if args.tiny else pathlib.Path(args.data)
         run_grid(args, size, out, results, data)
@@ -111,7 +106,7 @@ def run_grid(args, size: dict, out: pathlib.Path, results: pathlib.Path,
     commit = current_commit()
     R.check_commit(results, commit)
     R.check_data(data, [name for _, name in TASKS] + ["train.jsonl"])
-    base = base_model(out, tiny=args.tiny)
+    base = gsm_grid.base_model(out, tiny=args.tiny)
     settings = args.settings or list(SETTINGS)
     start = time.time()
     for setting, seed in run_order(PILOT, size["seeds"][:1]):
@@ -141,30 +136,13 @@ def current_commit() -> str:
     return proc.stdout.strip() or "unknown"
 
 
-def base_model(out: pathlib.Path, *, tiny: bool) -> pathlib.Path:
-    base = out / "base_model"
-    if not (base / "config.json").is_file():
-        if tiny:
-            gsm_grid.write_tiny_model(base)
-        else:
-            from q_tuning.train.assets import smollm2_gguf_path
-            from q_tuning.train.model import convert_hf_checkpoint
-
-            convert_hf_checkpoint(smollm2_gguf_path(), base)
-    return base
-
-
 def run(out: pathlib.Path, results: pathlib.Path, base: pathlib.Path, data: pathlib.Path,
         setting: str, seed: int, size: dict, args, commit: str) -> None:
     """Train, evaluate and record one run, unless its record exists."""
-    record_path = results / f"{setting}_seed{seed}.json"
-    if record_path.is_file():
-        gsm_grid.log(f"{setting} seed {seed}: finished earlier, skipped")
+    run_dir = gsm_grid.fresh_run_dir(out, results, setting, seed)
+    if run_dir is None:
         return
-    run_dir = out / "runs" / setting / f"seed{seed}"
-    if run_dir.exists():  # an interrupted run starts again
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    record_path = results / f"{setting}_seed{seed}.json"
     train_dir, trained = run_dir / "train", SETTINGS[setting] is not None
     start = time.time()
     if trained:
