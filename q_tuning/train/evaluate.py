@@ -32,7 +32,8 @@ import torch
 
 from q_tuning._files import write_text_atomic
 from q_tuning.config import CommandLineParser, positive_int
-from q_tuning.train.eval_tasks import add_task_args, check_task_args, run_task, task_line
+from q_tuning.train.eval_tasks import (add_task_args, check_task_args, run_task,
+                                       write_task_outputs)
 from q_tuning.train.eval_rows import (EvalError, answer_complete, extract_answer,
                                       normalize_number, read_rows)
 
@@ -400,13 +401,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     except (EvalError, DataError, FileNotFoundError) as e:
         print(f"q-tuning-eval: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if args.task != "gsm":
+        write_task_outputs(args, result, records)
+        return
     if args.output:
         write_text_atomic(args.output, json.dumps(result, indent=1))
-    if args.task != "gsm":
-        if args.predictions:
-            write_text_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in records))
-        print(f"q-tuning-eval: --task {args.task}: {task_line(result)}", flush=True)
-        return
     print(f"q-tuning-eval: {result['correct']}/{result['num_samples']} exact match "
           f"({100 * result['accuracy']:.1f}%), held-out NLL {result['nll_per_token']:.4f}/token; "
           f"prompt forwards {result['seconds_prefill']:.0f} s, NLL {result['seconds_nll']:.0f} s, "

@@ -10,7 +10,7 @@ order (for paired comparisons), and one record per item (`--predictions`).
 
 Public API:
     TASKS, add_task_args(parser), check_task_args(parser, args), run_task(args, checkpoint),
-    task_line(summary)
+    task_line(summary), write_task_outputs(args, summary, records)
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from typing import Any
 
 from q_tuning.config import positive_int
 
-__all__ = ["TASKS", "add_task_args", "check_task_args", "run_task", "task_line"]
+__all__ = ["TASKS", "add_task_args", "check_task_args", "run_task", "task_line",
+           "write_task_outputs"]
 
 TASKS = ("gsm", "mmlu", "qa-exact", "nll")
 GSM_MAX_NEW_TOKENS = 256
@@ -77,6 +78,20 @@ def run_task(args: argparse.Namespace, checkpoint: str) -> tuple[dict[str, Any],
     summary.update(checkpoint=str(checkpoint), data_path=str(args.data_path),
                    batch_size=args.batch_size, seconds=time.perf_counter() - start)
     return summary, records
+
+
+def write_task_outputs(args: argparse.Namespace, summary: dict[str, Any],
+                       records: list[dict]) -> None:
+    """`--output` (the summary), `--predictions` (one record per item), and the result line."""
+    import json
+
+    from q_tuning._files import write_text_atomic
+
+    if args.output:
+        write_text_atomic(args.output, json.dumps(summary, indent=1))
+    if args.predictions:
+        write_text_atomic(args.predictions, "".join(json.dumps(r) + "\n" for r in records))
+    print(f"q-tuning-eval: --task {args.task}: {task_line(summary)}", flush=True)
 
 
 def task_line(summary: dict[str, Any]) -> str:

@@ -77,5 +77,6 @@ def read_qa(path: str, limit: Optional[int] = None) -> list[QaRow]:
 def read_pairs(path: str, limit: Optional[int] = None) -> list[dict]:
     rows = read_jsonl(path, limit)
     for row in rows:
-        _string(row, "prompt"), _string(row, "response")
+        for key in ("prompt", "response"):
+            _string(row, key)
     return rows
