@@ -117,8 +117,10 @@ def run_grid(args, size: dict, out: pathlib.Path, results: pathlib.Path,
     if args.pilot:
         return
     if not verdict.measurable and not (args.ignore_gate or args.tiny):  # tiny: never moves
-        raise SystemExit("paper grid: the gate found no benchmark moved by full or random data: "
-                         "stopped after the pilot (--ignore-gate runs the grid anyway)")
+        why = ("the gate found no benchmark moved by full or random data"
+               if verdict.measurable is False else "the pilot's runs are not all recorded")
+        raise SystemExit(f"paper grid: {why}: stopped after the pilot (--ignore-gate runs the "
+                         "grid anyway)")
     for setting, seed in run_order(settings, size["seeds"]):
         run(out, results, base, data, setting, seed, size, args, commit)
     gsm_grid.log(f"paper grid: done in {time.time() - start:.0f} s")
