@@ -56,15 +56,20 @@ def test_normalize_answer_table(text, expected):
     assert qa.normalize_answer(text) == expected
 
 
-@pytest.mark.parametrize("answer,refs,exact,contains", [
-    ("The Pacific Ocean.", ["Pacific Ocean"], True, True),
-    ("Paris, France", ["Paris"], False, True),
-    ("Parisian", ["Paris"], False, False),
-    ("Shakespeare", ["William Shakespeare", "Shakespeare"], True, True),
-    ("", ["x"], False, False),
+@pytest.mark.parametrize("answer,refs,stem,exact,contains", [
+    ("The Pacific Ocean.", ["Pacific Ocean"], "", True, True),
+    ("Paris, France", ["Paris"], "", False, True),
+    ("Parisian", ["Paris"], "", False, False),
+    ("Shakespeare", ["William Shakespeare", "Shakespeare"], "", True, True),
+    ("", ["x"], "", False, False),
+    ("The capital of France is Paris.", ["Paris"], "The capital of France is", True, True),
+    ("The capital of France is Paris.", ["Paris"], "", False, True),
+    ("Paris", ["Paris"], "The capital of France is", True, True),
+    ("The capital of France is", ["Paris"], "The capital of France is", False, False),
+    ("The capitalist is Paris", ["Paris"], "The capital", False, True),  # whole words only
 ])
-def test_exact_match_against_any_reference(answer, refs, exact, contains):
-    assert qa.score_answer(answer, refs) == (exact, contains)
+def test_exact_match_against_any_reference(answer, refs, stem, exact, contains):
+    assert qa.score_answer(answer, refs, stem) == (exact, contains)
 
 
 def test_answer_line_is_the_first_non_empty_line():
@@ -189,6 +194,7 @@ def test_flags_that_do_not_fit_the_task_fail_at_parse_time(tmp_path, capsys, arg
     ("mmlu", {"question": "q", "choices": [], "answer": 0}, "line 1: 'choices' must be"),
     ("mmlu", {"choices": ["a"], "answer": 0}, "line 1: missing field 'question'"),
     ("qa-exact", {"prompt": "p", "references": "Paris"}, "line 1: 'references' must be"),
+    ("qa-exact", {"prompt": "p", "references": ["a"], "stem": 3}, "line 1: 'stem' must be a"),
     ("nll", {"prompt": "p", "response": 3}, "line 1: 'response' must be a string"),
 ])
 def test_bad_rows_name_file_and_line(tmp_path, capsys, task, row, message):

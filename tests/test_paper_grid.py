@@ -94,7 +94,7 @@ def test_prepare_is_deterministic_even_and_disjoint(tmp_path):
     assert len(mmlu) == 9 and {r["subject"] for r in mmlu} == {f"subject {k}" for k in range(3)}
     assert all(r["choices"] == ["a", "b", "c", "d"] and 0 <= r["answer"] < 4 for r in mmlu)
     qa = _rows(tmp_path / "a/qa_wikidata.jsonl")
-    assert len(qa) == 12 and all(r["prompt"].startswith(prepare.QA_INSTRUCTION) for r in qa)
+    assert len(qa) == 12 and all(r["prompt"] == prepare.QA_INSTRUCTION + r["stem"] for r in qa)
     assert len({r["prompt"] for r in qa}) == 12
 
 

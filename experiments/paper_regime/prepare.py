@@ -21,8 +21,8 @@ and --seed):
   disjoint from train.jsonl by prompt (`--task nll`).
 - mmlu.jsonl: MMLU test questions, the same number from each of the 57 subjects (stratified),
   `{"id", "subject", "question", "choices", "answer"}` (`--task mmlu`).
-- qa_wikidata.jsonl: closed-book prompts `{"id", "prompt", "references"}` (`--task qa-exact`);
-  the prompt is QA_INSTRUCTION and the sentence to complete.
+- qa_wikidata.jsonl: closed-book prompts `{"id", "prompt", "stem", "references"}` (`--task
+  qa-exact`); the prompt is QA_INSTRUCTION and the sentence to complete (the stem).
 - manifest.json: the counts (per task), the sizes, the seed, the archives' SHA-256.
 """
 
@@ -202,7 +202,7 @@ def qa_subset(bigbench: BigBench, size: int, seed: int) -> list[dict]:
         if text.strip() and refs and text not in seen and text not in train_text:
             seen.add(text)
             usable.append({"id": f"qa_wikidata/{k}", "prompt": QA_INSTRUCTION + text.strip(),
-                           "references": refs})
+                           "stem": text.strip(), "references": refs})
     chosen = sorted(random.Random(seed).sample(range(len(usable)), min(size, len(usable))))
     return [usable[k] for k in chosen]
 

@@ -8,8 +8,11 @@ and stops at end of turn, at the first newline after some text, or after `--max-
 
 Exact match: `normalize_answer(answer) == normalize_answer(reference)` for any of the row's
 references (SQuAD's normalisation: lowercase; punctuation deleted; the articles a, an, the
-removed; whitespace collapsed). Also recorded, not the headline: `contains`, the normalised
-reference appears as whole words inside the normalised answer.
+removed; whitespace collapsed). A row may give the `stem`, the sentence its answer completes:
+an answer that repeats it ("The capital of France is Paris." for the stem "The capital of France
+is") is compared without it, as small chat models answer in whole sentences. Also recorded, not
+the headline: `contains`, the normalised reference appears as whole words inside the normalised
+answer.
 """
 
 from __future__ import annotations
@@ -41,9 +44,12 @@ def answer_line(generated: str) -> str:
     return next((line.strip() for line in generated.splitlines() if line.strip()), "")
 
 
-def score_answer(answer: str, references: Sequence[str]) -> tuple[bool, bool]:
-    """(exact, contains) against any reference, after `normalize_answer`."""
-    got = normalize_answer(answer)
+def score_answer(answer: str, references: Sequence[str], stem: str = "") -> tuple[bool, bool]:
+    """(exact, contains) against any reference, after `normalize_answer` and, when the answer
+    starts with the normalised `stem` (whole words), without it."""
+    got, start = normalize_answer(answer), normalize_answer(stem)
+    if start and (got == start or got.startswith(start + " ")):
+        got = got[len(start):].strip()
     refs = [normalize_answer(r) for r in references]
     exact = any(got == r for r in refs)
     contains = any(r and f" {r} " in f" {got} " for r in refs)
@@ -77,7 +83,7 @@ def summarize_qa(tokenizer, rows: Sequence[QaRow], generated: Sequence[list[int]
     records = []
     for row, new in zip(rows, generated):
         text = tokenizer.decode(new, skip_special_tokens=True)
-        exact, contains = score_answer(answer_line(text), row.references)
+        exact, contains = score_answer(answer_line(text), row.references, row.stem)
         records.append({"id": row.id, "references": list(row.references),
                         "answer": answer_line(text), "exact": exact, "contains": contains,
                         "generated": text, "generated_tokens": len(new)})

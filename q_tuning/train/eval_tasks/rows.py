@@ -2,7 +2,8 @@
 
     read_mmlu(path, limit) -> list[MmluRow]   {"question", "choices": [4 str], "answer": 0-3,
                                                 "subject"?, "id"?}
-    read_qa(path, limit) -> list[QaRow]       {"prompt", "references": [str, ...], "id"?}
+    read_qa(path, limit) -> list[QaRow]       {"prompt", "references": [str, ...], "stem"?,
+                                                "id"?}
     read_pairs(path, limit) -> list[dict]     {"prompt", "response", "id"?}
 
 A bad row is an EvalError naming the file and line.
@@ -31,6 +32,7 @@ class QaRow(NamedTuple):
     prompt: str
     references: tuple[str, ...]
     source: str
+    stem: str = ""  # the sentence the answer completes, "" if none
 
 
 def _where(row: dict) -> str:
@@ -71,7 +73,8 @@ def read_mmlu(path: str, limit: Optional[int] = None) -> list[MmluRow]:
 
 def read_qa(path: str, limit: Optional[int] = None) -> list[QaRow]:
     return [QaRow(row.get("id"), _string(row, "prompt"), _strings(row, "references"),
-                  row["_source"]) for row in read_jsonl(path, limit)]
+                  row["_source"], _string(row, "stem") if "stem" in row else "")
+            for row in read_jsonl(path, limit)]
 
 
 def read_pairs(path: str, limit: Optional[int] = None) -> list[dict]:
