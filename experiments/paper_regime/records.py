@@ -40,7 +40,6 @@ def run_record(setting: str, seed: int, run_dir: pathlib.Path, *, trained: bool,
              "loss_tokens": summaries["nll"]["per_item"]["loss_tokens"]}
     for summary in summaries.values():
         summary.pop("per_item")
-        summary.pop("subject_accuracy", None)
     return {"setting": setting, "seed": seed, "commit": commit, "lora": lora, "argv": argv,
             "eval": summaries, "items": items, "train_seconds": train_seconds,
             "eval_seconds": eval_seconds,
