@@ -104,6 +104,12 @@ def prepare(out: pathlib.Path, size: dict, *, tiny: bool) -> pathlib.Path:
                                            corrupt_fraction=CORRUPT_FRACTION)
         write_jsonl_atomic(data / "train.jsonl", train)
         write_jsonl_atomic(data / "eval.jsonl", held_out)  # written last: marks data complete
+    return base_model(out, tiny=tiny)
+
+
+def base_model(out: pathlib.Path, *, tiny: bool) -> pathlib.Path:
+    """`out/base_model`, made once: SmolLM2-135M-Instruct as a safetensors HF folder, or the
+    tiny random model."""
     base = out / "base_model"
     if not (base / "config.json").is_file():
         if tiny:
@@ -114,6 +120,33 @@ def prepare(out: pathlib.Path, size: dict, *, tiny: bool) -> pathlib.Path:
 
             convert_hf_checkpoint(smollm2_gguf_path(), base)
     return base
+
+
+def grid_setup(args, sizes: dict) -> tuple[dict, pathlib.Path, pathlib.Path]:
+    """(sizes of `--tiny` or the real grid with `--seeds` applied, the `--out` work folder, the
+    `--results` folder), the folders created."""
+    size = dict(sizes["tiny" if args.tiny else "real"])
+    if args.seeds:
+        size["seeds"] = tuple(args.seeds)
+    out, results = pathlib.Path(args.out), pathlib.Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    return size, out, results
+
+
+def fresh_run_dir(out: pathlib.Path, results: pathlib.Path, setting: str,
+                  seed: int) -> pathlib.Path | None:
+    """The empty folder of run (setting, seed) under `out/runs`, or None (logged) when its record
+    `results/<setting>_seed<seed>.json` exists: a recorded run is finished, an interrupted one
+    starts again."""
+    if (results / f"{setting}_seed{seed}.json").is_file():
+        log(f"{setting} seed {seed}: finished earlier, skipped")
+        return None
+    run_dir = out / "runs" / setting / f"seed{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    return run_dir
 
 
 def write_tiny_model(folder: pathlib.Path) -> None:

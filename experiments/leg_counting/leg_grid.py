@@ -69,12 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads per run")
     parser.add_argument("--table", action="store_true", help="only write the tables")
     args = parser.parse_args(argv)
-    size = dict(SIZES["tiny" if args.tiny else "real"])
-    if args.seeds:
-        size["seeds"] = tuple(args.seeds)
-    out, results = pathlib.Path(args.out), pathlib.Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    size, out, results = gsm_grid.grid_setup(args, SIZES)
     if not args.table:
         start = time.time()
         base = prepare(out, size, tiny=args.tiny)
@@ -103,29 +98,16 @@ def prepare(out: pathlib.Path, size: dict, *, tiny: bool) -> pathlib.Path:
         write_jsonl_atomic(data / "train.jsonl", train)
         write_jsonl_atomic(data / "train_clean.jsonl", clean)
         write_jsonl_atomic(data / "eval.jsonl", held_out)  # written last: marks data complete
-    base = out / "base_model"
-    if not (base / "config.json").is_file():
-        if tiny:
-            gsm_grid.write_tiny_model(base)
-        else:
-            from q_tuning.sft.hf.assets import smollm2_gguf_path
-            from q_tuning.sft.hf.model import convert_hf_checkpoint
-
-            convert_hf_checkpoint(smollm2_gguf_path(), base)
-    return base
+    return gsm_grid.base_model(out, tiny=tiny)
 
 
 def run(out: pathlib.Path, results: pathlib.Path, base: pathlib.Path, setting: str, seed: int,
         size: dict, *, tiny: bool, threads: int | None) -> None:
     """Train, evaluate and record one run, unless its record exists."""
-    record_path = results / f"{setting}_seed{seed}.json"
-    if record_path.is_file():
-        gsm_grid.log(f"{setting} seed {seed}: finished earlier, skipped")
+    run_dir = gsm_grid.fresh_run_dir(out, results, setting, seed)
+    if run_dir is None:
         return
-    run_dir = out / "runs" / setting / f"seed{seed}"
-    if run_dir.exists():  # an interrupted run starts again
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    record_path = results / f"{setting}_seed{seed}.json"
     train_dir = run_dir / "train"
     trained = SETTINGS[setting] is not None
     start = time.time()

@@ -6,7 +6,7 @@
 
 Paired comparisons: for settings A and B and every seed both have, the per-problem difference
 A - B; the 95% interval is a percentile bootstrap (seeds resampled, then problems within each
-resampled seed, 2000 draws, fixed generator).
+resampled seed, 2000 draws, fixed generator: `experiments.stats.paired_bootstrap`).
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from __future__ import annotations
 import collections
 import json
 import pathlib
-import random
 import statistics
+import sys
 
 from experiments.gsm import gsm_grid
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from experiments.stats import BOOTSTRAP_DRAWS, paired_bootstrap  # noqa: E402
 
 NOISE = ("clean", "misaligned", "arithmetic")
 COMPARISONS = [("qtuning_25x70", "random_25x70"), ("qtuning_25x70", "full"),
@@ -25,7 +28,6 @@ COMPARISONS = [("qtuning_25x70", "random_25x70"), ("qtuning_25x70", "full"),
                ("qtuning_25x70_official", "random_25x70"), ("qtuning_25x70_exact", "random_25x70"),
                ("qtuning_25x70_global", "random_25x70"), ("qtuning_25x70_global", "qtuning_25x70"),
                ("infobatch", "full"), ("random_25x70", "full"), ("full", "full_clean")]
-BOOTSTRAP_DRAWS = 2000
 
 
 def _rows(path: pathlib.Path) -> list[dict]:
@@ -108,18 +110,7 @@ def paired_interval(a: dict[int, dict], b: dict[int, dict], metric: str
         return None
     diffs = [[x - y for x, y in zip(_per_problem(a[s], metric), _per_problem(b[s], metric))]
              for s in seeds]
-    mean = statistics.fmean(d for per_seed in diffs for d in per_seed)
-    rng = random.Random(0)
-    draws = []
-    for _ in range(BOOTSTRAP_DRAWS):
-        total, count = 0.0, 0
-        for _ in seeds:
-            per_seed = diffs[rng.randrange(len(diffs))]
-            total += sum(per_seed[rng.randrange(len(per_seed))] for _ in per_seed)
-            count += len(per_seed)
-        draws.append(total / count)
-    draws.sort()
-    return mean, draws[int(0.025 * len(draws))], draws[int(0.975 * len(draws)) - 1], len(seeds)
+    return paired_bootstrap(diffs, BOOTSTRAP_DRAWS)
 
 
 def write_tables(results: pathlib.Path, data_dir: pathlib.Path, settings: list[str]) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
 import torch
 
 
@@ -44,3 +45,13 @@ def slow_greedy(model, prompt: list[int], max_new: int, eos: list[int]) -> list[
         if token in eos:
             break
     return new
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for the module (tiny matmuls only lose to thread hand-offs on a busy
+    box); the previous count restored after it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

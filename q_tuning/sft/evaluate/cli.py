@@ -1,5 +1,6 @@
 """`q-tuning-eval` / `python -m q_tuning.sft.evaluate.cli`: held-out GSM-Symbolic exact match and
-reference-solution NLL of an HF checkpoint (the trainer's `--export-hf`, or a GGUF file).
+reference-solution NLL of an HF checkpoint (the trainer's `--export-hf`, or a GGUF file); with
+`--task mmlu | qa-exact | nll`, the tasks of `q_tuning.sft.evaluate.tasks`.
 
     q-tuning-eval --hf-checkpoint outputs/smollm2-gsm/hf --data-path outputs/smollm2-gsm/data/eval.jsonl \\
         --output eval.json --predictions predictions.jsonl
@@ -34,7 +35,9 @@ from q_tuning._files import write_text_atomic
 from q_tuning.config import CommandLineParser, positive_int
 from q_tuning.observe.progress import Progress
 from q_tuning.sft.evaluate.rows import (EvalError, answer_complete, extract_answer,
-                                      normalize_number, read_rows)
+                                        normalize_number, read_rows)
+from q_tuning.sft.evaluate.tasks import (add_task_args, check_task_args, run_task,
+                                         write_task_outputs)
 
 if TYPE_CHECKING:
     from q_tuning.sft.evaluate.decoding import Prefilled
@@ -43,7 +46,8 @@ JOIN_ROWS = 16  # the most prompts that join the decoding at once (one prompt fo
 
 __all__ = ["EvalError", "EvalSeconds", "answer_complete", "evaluate", "extract_answer",
            "finished", "generate_with_nll", "greedy_generate", "main", "normalize_number",
-           "prompt_ids", "read_rows", "reference_nll", "RowNll", "digit_tokens"]
+           "prompt_ids", "read_rows", "reference_nll", "RowNll", "digit_tokens",
+           "samples_nll", "end_of_turn_ids", "load_model"]
 
 
 def finished(tokenizer, new: Sequence[int], eos: Sequence[int], max_new_tokens: int) -> bool:
@@ -68,6 +72,9 @@ def _end_of_turn_ids(tokenizer) -> list[int]:
     if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(im_end)
     return sorted(i for i in ids if i is not None)
+
+
+end_of_turn_ids = _end_of_turn_ids  # public name for the other evaluation tasks
 
 
 @torch.inference_mode()
@@ -247,14 +254,20 @@ def digit_tokens(tokenizer) -> torch.Tensor:
 
 @torch.inference_mode()
 def reference_nll(model, tokenizer, rows: Sequence[dict], *, batch_size: int) -> list[RowNll]:
-    """NLL per row over the trainer's loss tokens of prompt + response. Rows go through in
-    length order (little padding) and the output layer runs on the loss positions only: no
-    [tokens, vocab] logits for the prompts."""
+    """NLL per row over the trainer's loss tokens of prompt + response (`samples_nll`)."""
+    return samples_nll(model, _training_tokens(tokenizer, rows), digit_tokens(tokenizer),
+                       batch_size=batch_size)
+
+
+@torch.inference_mode()
+def samples_nll(model, samples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                is_number: torch.Tensor, *, batch_size: int) -> list[RowNll]:
+    """NLL per (tokens, loss mask) sample over its loss tokens (mask[t] = 1: token t is scored,
+    predicted from tokens[:t]). Samples go through in length order (little padding) and the
+    output layer runs on the loss positions only: no [tokens, vocab] logits for the prompts."""
     _check_plain_output_layer(model)
-    samples = _training_tokens(tokenizer, rows)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     order = sorted(range(len(samples)), key=lambda i: samples[i][0].numel())
-    is_number = digit_tokens(tokenizer)
     results: list[RowNll] = [RowNll(0.0, 0, 0.0, 0)] * len(samples)
     for first in range(0, len(order), batch_size):
         chunk = order[first:first + batch_size]
@@ -366,16 +379,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--hf-checkpoint", default=None,
                         help="HF folder or .gguf file (default: the installed SmolLM2-135M-Instruct "
                              "GGUF, i.e. zero-shot)")
-    parser.add_argument("--data-path", required=True, help="gsm_symbolic JSONL (eval.jsonl)")
+    parser.add_argument("--data-path", required=True,
+                        help="JSONL rows of the task (gsm: gsm_symbolic eval.jsonl)")
     parser.add_argument("--num-samples", type=positive_int, default=None, help="first N rows")
     parser.add_argument("--batch-size", type=positive_int, default=64,
                         help="rows decoded together (default 64); prompts join the decoding "
                         f"in groups of at most {JOIN_ROWS}")
-    parser.add_argument("--max-new-tokens", type=positive_int, default=256)
     parser.add_argument("--output", default=None, help="result JSON (written atomically)")
     parser.add_argument("--predictions", default=None, help="per-sample JSONL")
     parser.add_argument("--threads", type=positive_int, default=None)
+    add_task_args(parser)
     args = parser.parse_args(argv)
+    check_task_args(parser, args)
     from q_tuning.sft.data.dataset import DataError
 
     if args.threads:
@@ -385,12 +400,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if checkpoint is None:
             from q_tuning.sft.hf.assets import smollm2_gguf_path
             checkpoint = str(smollm2_gguf_path())
-        result = evaluate(checkpoint, args.data_path, num_samples=args.num_samples,
-                          batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                          predictions=args.predictions)
+        if args.task != "gsm":
+            result, records = run_task(args, checkpoint)
+        else:
+            result = evaluate(checkpoint, args.data_path, num_samples=args.num_samples,
+                              batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                              predictions=args.predictions)
     except (EvalError, DataError, FileNotFoundError) as e:
         print(f"q-tuning-eval: error: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if args.task != "gsm":
+        write_task_outputs(args, result, records)
+        return
     if args.output:
         write_text_atomic(args.output, json.dumps(result, indent=1))
     print(f"q-tuning-eval: {result['correct']}/{result['num_samples']} exact match "

@@ -5,7 +5,8 @@ Public API:
     normalize_number(text) -> Decimal | None
     extract_answer(generated) -> Decimal | None
     answer_complete(text) -> bool
-    read_rows(path, limit=None) -> list[dict]
+    read_rows(path, limit=None) -> list[dict]   (GSM rows)
+    read_jsonl(path, limit=None) -> list[dict]  (any JSON objects, `_source` added)
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import pathlib
 import re
 from typing import Optional
 
-__all__ = ["EvalError", "answer_complete", "extract_answer", "normalize_number", "read_rows"]
+__all__ = ["EvalError", "answer_complete", "extract_answer", "normalize_number", "read_jsonl",
+           "read_rows"]
 
 _FINAL = re.compile(r"####\s*([^\n]*)")
 _NUMBER = re.compile(r"[-+]?\d[\d,]*(?:\.\d+)?|[-+]?\.\d+")
@@ -52,8 +54,27 @@ def answer_complete(text: str) -> bool:
 
 
 def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
-    """The first `limit` (default all) rows of a JSONL file, each with `_source` = "file:line"
-    added; blank lines are skipped. EvalError names the file and line of a bad row."""
+    """The first `limit` (default all) GSM rows (`prompt`, `response`, `answer`) of a JSONL
+    file (`read_jsonl`); EvalError names the file and line of a bad row."""
+    rows = read_jsonl(path, limit)
+    for row in rows:
+        where = row["_source"].replace(f"{path}:", f"{path} line ", 1)
+        missing = [k for k in ("prompt", "response", "answer") if k not in row]
+        if missing:
+            raise EvalError(f"{where}: missing field(s) {', '.join(missing)}")
+        for key in ("prompt", "response"):
+            if not isinstance(row[key], str):
+                raise EvalError(f"{where}: '{key}' must be a string, "
+                                f"got {type(row[key]).__name__}")
+        if isinstance(row["answer"], bool) or not isinstance(row["answer"], (str, int, float)):
+            raise EvalError(f"{where}: 'answer' must be a string or a number")
+    return rows
+
+
+def read_jsonl(path: str, limit: Optional[int] = None) -> list[dict]:
+    """The first `limit` (default all) JSON objects of a JSONL file, each with `_source` =
+    "file:line" added; blank lines are skipped. EvalError names the file and line of a bad
+    line, or the file when it is missing or empty."""
     p = pathlib.Path(path)
     if not p.is_file():
         raise EvalError(f"--data-path {path}: no such file")
@@ -69,15 +90,6 @@ def read_rows(path: str, limit: Optional[int] = None) -> list[dict]:
             if not isinstance(row, dict):
                 raise EvalError(f"{path} line {number}: expected a JSON object, "
                                 f"got {type(row).__name__}")
-            missing = [k for k in ("prompt", "response", "answer") if k not in row]
-            if missing:
-                raise EvalError(f"{path} line {number}: missing field(s) {', '.join(missing)}")
-            for key in ("prompt", "response"):
-                if not isinstance(row[key], str):
-                    raise EvalError(f"{path} line {number}: '{key}' must be a string, "
-                                    f"got {type(row[key]).__name__}")
-            if isinstance(row["answer"], bool) or not isinstance(row["answer"], (str, int, float)):
-                raise EvalError(f"{path} line {number}: 'answer' must be a string or a number")
             rows.append({**row, "_source": f"{path}:{number}"})
             if limit is not None and len(rows) >= limit:
                 break
