@@ -35,7 +35,7 @@ from experiments.paper_regime import tables  # noqa: E402
 
 # The LoRA recipe, the one place its flag names live (issue 29: rank 8, alpha 16, all linear).
 LORA_FLAGS = ["--lora-rank", "8", "--lora-alpha", "16", "--lora-dropout", "0.0",
-              "--lora-target-modules", "all-linear"]
+              "--lora-target-modules", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 OFFICIAL = ["--q-tuning-selection", "paper", "--q-tuning-token-budget", "global",
             "--q-tuning-entropy-scope", "sequence"]
 

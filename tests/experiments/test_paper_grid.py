@@ -242,13 +242,13 @@ def test_gate_and_tables_on_synthetic_records(tmp_path):
         tables.paired({1: bad}, {1: zero}, "mmlu")
 
 
-def test_tiny_pilot_end_to_end_without_lora(tmp_path):
-    """The whole pilot in --tiny mode (full fine-tuning until LoRA lands), then a rerun that
-    finds every run recorded."""
+def test_tiny_pilot_end_to_end_with_lora(tmp_path):
+    """The whole pilot in --tiny mode with the grid's LoRA recipe, then a rerun that finds every
+    run recorded."""
     def pilot() -> str:
         proc = subprocess.run([sys.executable, str(REPO / "experiments/paper_regime/grid.py"),
                                "--out", str(tmp_path), "--results", str(tmp_path / "r"), "--tiny",
-                               "--no-lora", "--pilot"], cwd=REPO, capture_output=True, text=True,
+                               "--pilot"], cwd=REPO, capture_output=True, text=True,
                               timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc.stdout
@@ -258,5 +258,5 @@ def test_tiny_pilot_end_to_end_without_lora(tmp_path):
     for setting in grid.PILOT:
         record = json.loads((tmp_path / "r" / f"{setting}_seed1.json").read_text())
         assert len(record["items"]["mmlu_correct"]) == 4 and len(record["items"]["nll_sum"]) == 2
-        assert record["lora"] is False
+        assert record["lora"] is True
     assert pilot().count("finished earlier, skipped") == 3
