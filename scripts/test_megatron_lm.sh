@@ -20,18 +20,15 @@ if [ ! -f "$checkout/pretrain_gpt.py" ] || [ ! -d "$checkout/megatron/training" 
     echo "$checkout is not a Megatron-LM checkout (no pretrain_gpt.py / megatron/training)" >&2
     exit 2
 fi
-info="$checkout/megatron/core/package_info.py"
-field() { sed -n "s/^$1 = [\"']\{0,1\}\([^\"']*\)[\"']\{0,1\}\$/\1/p" "$info" | head -1; }
-core_version="$(field MAJOR).$(field MINOR).$(field PATCH)$(field PRE_RELEASE)"
 cd "$(dirname "$0")/.."
-if [ "$(field MINOR)" -ge 17 ]; then
+source scripts/megatron_lm_checkout.sh
+if [ "$(megatron_core_field "$checkout" MINOR)" -ge 17 ]; then
     venv=.venv-next; bash scripts/setup_next.sh
 else
     venv=.venv; bash scripts/setup.sh dev
 fi
 PY="$venv/bin/python"
-echo "== Megatron-LM $(git -C "$checkout" describe --tags --always 2>/dev/null || echo '?')" \
-     "at $checkout (megatron-core $core_version in the checkout)"
+echo "== $(describe_megatron_lm "$checkout")"
 echo "== venv $venv: $("$PY" -c 'import sys; from importlib.metadata import version as v
 print(f"Python {sys.version.split()[0]}, " + ", ".join(
     f"{p} {v(p)}" for p in ("megatron-core", "transformers", "torch")))')"

@@ -132,6 +132,7 @@ def two_process_run(hf_models, tmp_path_factory):
                         ALL_CASES)
 
 
+@pytest.mark.next_stack
 def test_single_process_matches_transformers(hf_models, tmp_path):
     run = _run_layouts(hf_models, tmp_path, 1, [(1, 1, None)], ALL_CASES, with_tokenizer=True)
     _check_layout(hf_models, run, (1, 1, None), with_tokenizer=True)
@@ -182,6 +183,7 @@ def test_non_dividing_parallel_size_names_the_dimension(sizes, dimension):
         transformer_config_from_hf(config, **sizes)
 
 
+@pytest.mark.next_stack
 def test_unsupported_options_are_refused():
     from q_tuning.train.model import transformer_config_from_hf
 
@@ -193,6 +195,7 @@ def test_unsupported_options_are_refused():
             transformer_config_from_hf(transformers.LlamaConfig(**COMMON, **options))
 
 
+@pytest.mark.next_stack
 def test_rope_settings_are_read_from_either_transformers_layout():
     """transformers 5 moved rope_theta (and rope_scaling) into config.rope_parameters; reading
     only `config.rope_theta` silently fell back to 10000 there (logits off by ~1.5)."""
@@ -210,6 +213,7 @@ def test_rope_settings_are_read_from_either_transformers_layout():
     transformer_config_from_hf(config)  # accepted: Llama-3.1 scaling with megatron's constants
 
 
+@pytest.mark.next_stack
 def test_config_fields():
     from q_tuning.train.model import padded_vocab_size, transformer_config_from_hf
 

@@ -51,6 +51,7 @@ def _equal_micro_batches(a: list[dict], b: list[dict]) -> None:
             torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.next_stack
 def test_plain_rows_round_trip():
     mbs = _plain_micro_batches()
     fmt = row_format(mbs)
@@ -132,6 +133,7 @@ def test_packed_rows_round_trip():
     _equal_micro_batches(samples_to_rows(samples, rows, fmt, len(mbs)), mbs)
 
 
+@pytest.mark.next_stack
 def test_packed_rows_repacked_after_pruning():
     mbs = [_sft_row(conv, SFT_SEQ, i) for i, conv in enumerate(SFT_ROWS)]
     fmt = row_format(mbs)
@@ -206,6 +208,7 @@ def test_unsupported_configurations_name_the_setting_and_the_fix(overrides, word
     assert (reason is None) if words is None else (words in reason)
 
 
+@pytest.mark.next_stack
 def test_off_returns_megatrons_own_function_and_what_cannot_run_raises():
     from q_tuning.megatron_lm.step import QTuningStep, UnsupportedConfiguration
 
@@ -273,6 +276,7 @@ def _fake_megatron_training(monkeypatch, argv: list[str], *, drop: str | None = 
     return modules, native_forward_backward
 
 
+@pytest.mark.next_stack
 def test_install_is_idempotent_marked_and_composes_with_the_scripts_flags(monkeypatch, capsys):
     import q_tuning.megatron_lm as adapter
     from q_tuning import add_q_tuning_args
@@ -299,6 +303,7 @@ def test_install_is_idempotent_marked_and_composes_with_the_scripts_flags(monkey
     assert training.get_forward_backward_func() is not native
 
 
+@pytest.mark.next_stack
 def test_install_on_the_core_v0_19_layout_patches_what_the_script_calls(monkeypatch, capsys):
     """core_v0.19.0: no parse_args in initialize.py; pretrain_gpt.py calls
     arguments.parse_and_validate_args, whose parse_args is the patched one."""
@@ -348,6 +353,7 @@ def test_unsupported_configuration_is_a_start_up_error(monkeypatch, argv, words)
     assert not modules["megatron.training.initialize"].parse_args().enable_q_tuning
 
 
+@pytest.mark.next_stack
 @pytest.mark.parametrize("layout", ["core_v0.16.1", "core_v0.19.0"])
 @pytest.mark.parametrize("symbol", ["megatron.training.training.get_forward_backward_func",
                                     "megatron.training.arguments.parse_args"])
@@ -384,6 +390,7 @@ def _kept_masks(results: list[dict]) -> dict[int, list]:
     return kept
 
 
+@pytest.mark.next_stack
 @pytest.mark.parametrize("split", list(SPLITS))
 @pytest.mark.parametrize("keep_ratio", [0.5, 0.2])
 def test_step_gradient_is_the_kept_token_mean(split, keep_ratio):
