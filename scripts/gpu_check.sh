@@ -5,6 +5,7 @@
 #   bash scripts/gpu_check.sh --dry-run [--tiny|--scale S]       # list checks and timings, sizes
 #   bash scripts/gpu_check.sh --device cpu --tiny --out DIR      # the CPU variant (test suite)
 #   bash scripts/gpu_check.sh --wheels DIR --setup-only          # install, verify imports, stop
+#   bash scripts/gpu_check.sh --megatron-core-wheel WHL [...]     # the checks against that wheel
 #
 # Options other than --wheels and --setup-only go to scripts/gpu_check.py (see its --help):
 # --device {auto,cuda,cpu}, --out DIR, --dry-run, --tiny, --scale S (0 < S <= 1), --repeats N,
@@ -30,6 +31,14 @@
 # (2.7 MiB: megatron_core-0.16.1-cp312-cp312-manylinux_2_24_x86_64.manylinux_2_28_x86_64.whl and
 # packaging-26.4-py3-none-any.whl.) numpy is preinstalled there; add `numpy` to the line if not.
 #
+# Another megatron-core (e.g. 0.19.x, the newest end of pyproject's range): --megatron-core-wheel
+# WHL (or GPU_CHECK_MEGATRON_CORE_WHEEL) installs that cp312 wheel into GPU_CHECK_SITE with
+# --no-deps, ahead of any megatron-core already importable, checks that `megatron.core` then is
+# that version, and runs the checks against it (its dependencies torch, numpy, packaging>=24.2 must
+# be importable or come from --wheels). Fill it on a machine with network:
+#   python3 -m pip download --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --no-deps -d wheels megatron-core==0.19.2
+#
 # Environment: PYTHON (the interpreter; default .venv/bin/python when present, else python3),
 # GPU_CHECK_SITE (install target; default ${TMPDIR:-/tmp}/q_tuning_gpu_check_site),
 # GPU_CHECK_REQUIREMENTS ("dist:module" pairs that must be importable).
@@ -39,6 +48,7 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 WHEELS=""
+CORE_WHEEL=${GPU_CHECK_MEGATRON_CORE_WHEEL:-}
 SETUP_ONLY=0
 DRY_RUN=0
 PASS=()
@@ -46,6 +56,8 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --wheels) WHEELS=${2:?--wheels needs a folder}; shift 2 ;;
         --wheels=*) WHEELS=${1#*=}; shift ;;
+        --megatron-core-wheel) CORE_WHEEL=${2:?--megatron-core-wheel needs a .whl}; shift 2 ;;
+        --megatron-core-wheel=*) CORE_WHEEL=${1#*=}; shift ;;
         --setup-only) SETUP_ONLY=1; shift ;;
         --dry-run) DRY_RUN=1; PASS+=("$1"); shift ;;
         *) PASS+=("$1"); shift ;;
@@ -63,6 +75,9 @@ else
 fi
 SITE=${GPU_CHECK_SITE:-${TMPDIR:-/tmp}/q_tuning_gpu_check_site}
 REQUIREMENTS=${GPU_CHECK_REQUIREMENTS:-"megatron-core:megatron.core numpy:numpy packaging:packaging"}
+if [ -n "$CORE_WHEEL" ]; then  # megatron-core comes from that wheel, not from --wheels
+    REQUIREMENTS=$(echo " $REQUIREMENTS " | sed 's/ megatron-core:megatron\.core / /')
+fi
 MAX_WHEEL_BYTES=$((40 * 1024 * 1024))
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCHDYNAMO_DISABLE=${TORCHDYNAMO_DISABLE:-1}
@@ -128,11 +143,40 @@ setup() {
     done
 }
 
+setup_core_wheel() {  # the megatron-core of --megatron-core-wheel, first on PYTHONPATH
+    local name version found
+    [ -f "$CORE_WHEEL" ] || die "--megatron-core-wheel $CORE_WHEEL: no such file"
+    name=$(basename "$CORE_WHEEL")
+    case "$name" in
+        megatron_core-*.whl) ;;
+        *) die "--megatron-core-wheel $CORE_WHEEL: not a megatron_core-VERSION-...whl" ;;
+    esac
+    version=$(echo "$name" | cut -d- -f2)
+    if [ "$DRY_RUN" = 1 ]; then
+        echo "gpu_check.sh: dry run: would install megatron-core $version from $CORE_WHEEL into" \
+             "$SITE (--no-deps, ahead of any other megatron-core) and run the checks against it"
+        return
+    fi
+    echo "gpu_check.sh: installing megatron-core $version from $CORE_WHEEL into $SITE"
+    mkdir -p "$SITE"
+    if "$PY" -m pip --version >/dev/null 2>&1; then
+        "$PY" -m pip install --no-index --no-deps --upgrade --target "$SITE" \
+            --disable-pip-version-check --quiet "$CORE_WHEEL" || die "installing $CORE_WHEEL failed"
+    else
+        "$PY" -m zipfile -e "$CORE_WHEEL" "$SITE" || die "unpacking $CORE_WHEEL failed"
+    fi
+    found=$("$PY" -c 'from megatron.core.package_info import __version__; print(__version__)') \
+        || die "megatron.core from $CORE_WHEEL does not import with $PY"
+    [ "$found" = "$version" ] || die "megatron.core is $found, not $version from $CORE_WHEEL"
+    echo "gpu_check.sh: the checks run against megatron-core $found ($CORE_WHEEL)"
+}
+
 if [ -n "$WHEELS" ]; then
     setup
-elif [ "$SETUP_ONLY" = 1 ]; then
-    die "--setup-only needs --wheels DIR"
+elif [ "$SETUP_ONLY" = 1 ] && [ -z "$CORE_WHEEL" ]; then
+    die "--setup-only needs --wheels DIR or --megatron-core-wheel WHL"
 fi
+[ -z "$CORE_WHEEL" ] || setup_core_wheel
 if [ "$SETUP_ONLY" = 1 ]; then
     echo "gpu_check.sh: set-up done ($PY; PYTHONPATH=$PYTHONPATH)"
     exit 0

@@ -47,7 +47,10 @@ fi
 MEGATRON="$(cd "$MEGATRON" && pwd)"
 SLIME_COMMIT="$(git -C "$SLIME" rev-parse HEAD 2>/dev/null || echo '?')"
 echo "== slime commit $SLIME_COMMIT ($SLIME)"
-echo "== Megatron-LM $(git -C "$MEGATRON" describe --tags --always 2>/dev/null || echo '?') ($MEGATRON)"
+source scripts/megatron_lm_checkout.sh
+echo "== $(describe_megatron_lm "$MEGATRON") (slime imports its megatron.training)"
+echo "== venv: $("$PY" -c 'import sys; from importlib.metadata import version as v
+print(sys.executable + ", " + ", ".join(f"{p} {v(p)}" for p in ("megatron-core", "torch")))')"
 echo "== contract check against $SLIME"
 SLIME_ROOT="$SLIME" PYTHONPATH="$PWD" "$PY" - <<'EOF'
 import argparse, ast, os, random, sys

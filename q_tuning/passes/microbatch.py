@@ -19,6 +19,7 @@ for that path (`build_micro_batches(thd=...)`); `model_inputs` turns a micro-bat
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 from typing import Sequence
 
@@ -300,6 +301,10 @@ def slice_for_context_parallel(mb: dict, cp_group) -> dict:
     if cp_group is None or cp_group.size() == 1:
         return mb
     mb = {k: v for k, v in mb.items() if k != "cu_seqlens"}  # THD + CP is refused earlier
+    if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
+        # megatron-core >= 0.17 requires it; without cu_seqlens it takes the same per-sequence
+        # zigzag as 0.16's function.
+        return get_batch_on_this_cp_rank(mb, is_hybrid_cp=False, cp_group=cp_group)
     return get_batch_on_this_cp_rank(mb, cp_group=cp_group)
 
 

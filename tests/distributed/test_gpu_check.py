@@ -147,9 +147,10 @@ def test_a_failing_check_makes_the_run_exit_nonzero(tmp_path):
 
 # --- the offline set-up --------------------------------------------------------------------------
 
-def fake_wheel(folder: Path, name: str = "gpucheckfake", version: str = "0.1") -> Path:
+def fake_wheel(folder: Path, name: str = "gpucheckfake", version: str = "0.1",
+               files: dict[str, str] | None = None) -> Path:
     info = f"{name}-{version}.dist-info"
-    files = {f"{name}/__init__.py": "VALUE = 1\n",
+    files = {**(files or {f"{name}/__init__.py": "VALUE = 1\n"}),
              f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n",
              f"{info}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\n"
                               "Tag: py3-none-any\n"}
@@ -187,6 +188,43 @@ def test_setup_refuses_a_wheel_folder_over_40_mib(tmp_path):
     r = run_script("--wheels", str(tmp_path), "--setup-only")
     assert r.returncode == 2
     assert "more than 40 MiB" in r.stderr
+
+
+def fake_megatron_core_wheel(folder: Path, version: str) -> Path:
+    """A wheel named like megatron-core's whose megatron.core says `version` (pure Python, so it
+    installs on this Python; the real 0.19.x wheel requires Python >= 3.12)."""
+    return fake_wheel(folder, "megatron_core", version, files={
+        "megatron/__init__.py": "", "megatron/core/__init__.py": "",
+        "megatron/core/package_info.py": f"__version__ = {version!r}\n"})
+
+
+def test_megatron_core_wheel_dry_run_says_what_it_would_run_against(tmp_path):
+    wheel = fake_megatron_core_wheel(tmp_path, "0.19.2")
+    r = run_script("--dry-run", "--tiny", "--megatron-core-wheel", str(wheel))
+    assert r.returncode == 0, r.stderr
+    assert (f"dry run: would install megatron-core 0.19.2 from {wheel}") in r.stdout
+    assert "run the checks against it" in r.stdout and "  token_stats_fp32" in r.stdout
+    r = run_script("--dry-run", env={"GPU_CHECK_MEGATRON_CORE_WHEEL": str(tmp_path / "x.whl")})
+    assert r.returncode == 2 and f"--megatron-core-wheel {tmp_path / 'x.whl'}: no such" in r.stderr
+
+
+def test_megatron_core_wheel_is_installed_first_on_the_path(tmp_path):
+    """The wheel's megatron.core shadows the venv's (0.16.1 in .venv), and a wheel whose package
+    is not the version its name says is refused."""
+    site = tmp_path / "site"
+    wheel = fake_megatron_core_wheel(tmp_path, "0.19.9")
+    r = run_script("--megatron-core-wheel", str(wheel), "--setup-only",
+                   env={"GPU_CHECK_SITE": str(site)})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert f"the checks run against megatron-core 0.19.9 ({wheel})" in r.stdout
+    liar = tmp_path / "liar"
+    liar.mkdir()
+    wheel = fake_megatron_core_wheel(liar, "0.19.9")
+    renamed = wheel.with_name(wheel.name.replace("0.19.9", "0.19.3", 1))
+    wheel.rename(renamed)
+    r = run_script("--megatron-core-wheel", str(renamed), "--setup-only",
+                   env={"GPU_CHECK_SITE": str(tmp_path / "site2")})
+    assert r.returncode == 2 and "megatron.core is 0.19.9, not 0.19.3" in r.stderr
 
 
 # --- sizes ---------------------------------------------------------------------------------------

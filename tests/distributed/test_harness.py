@@ -289,3 +289,24 @@ def test_training_step_matches_single_process(reference, split_results, split):
     assert len(changed) == len(reference["full_sd"])  # every parameter was trained
     if split.startswith("dp"):
         _assert_close_dicts(results[0][2], results[1][2], atol=0)  # DP replicas stay identical
+
+
+@pytest.mark.skipif(__import__("sys").version_info >= (3, 12), reason="typing.override is built in")
+def test_megatron_lm_site_lends_typing_override_on_python_3_11():
+    """Megatron-LM core_v0.19.0 imports typing.override (3.12+): the harness's sitecustomize
+    lends typing_extensions' in the Megatron-LM CPU processes only, never elsewhere."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.harness.megatron_lm import REPO_ROOT, SITE_DIR
+
+    code = "from typing import override; print(override.__module__)"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(SITE_DIR), str(REPO_ROOT)]),
+               TORCHDYNAMO_DISABLE="1")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                        env=dict(env, Q_TUNING_MEGATRON_LM_CPU="1"), timeout=120)
+    assert on.returncode == 0 and on.stdout.strip() == "typing_extensions", on.stderr
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert off.returncode != 0 and "cannot import name 'override'" in off.stderr

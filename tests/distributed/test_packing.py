@@ -94,6 +94,7 @@ def _batch(lengths, seed=4):
 LENGTHS = [200, 30, 190, 25, 180, 20, 15]
 
 
+@pytest.mark.next_stack
 @pytest.mark.parametrize("max_tokens", [None, 240])
 def test_bucketed_and_packed_gradients_equal_the_reference(max_tokens):
     batch = _batch(LENGTHS)

@@ -98,6 +98,7 @@ def _assert_same_decision(out, ref, rel=1e-5):
         assert a == pytest.approx(b, rel=rel)
 
 
+@pytest.mark.next_stack
 def test_single_process_equals_reference(single, reference):
     _assert_same_decision(single, reference)
     assert single["new"] == reference["masks"]
@@ -108,6 +109,7 @@ def test_single_process_equals_reference(single, reference):
     assert r["total_tokens"] == sum(int(m[1:].sum()) for m in BATCH["loss_masks"])
 
 
+@pytest.mark.next_stack
 @pytest.mark.parametrize("split", list(SPLITS))
 def test_split_equals_single_process(split, single):
     world, tp, pp, cp, vpp = SPLITS[split]
@@ -171,6 +173,7 @@ def test_paper_options_equal_reference_under_every_split(name, split, per_sample
         assert kept_tokens == max(budget, floor_tokens)
 
 
+@pytest.mark.next_stack
 @pytest.mark.parametrize("split", ["single", "dp2", "tp2_pp2", "cp2"])
 def test_pruned_step_gradients_equal_kept_token_mean(split):
     world, tp, pp, cp, vpp = (1, 1, 1, 1, None) if split == "single" else SPLITS[split]

@@ -8,11 +8,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
 from q_tuning.sft.evaluate import decoding as D  # noqa: E402
 from q_tuning.sft.evaluate import cli as E  # noqa: E402
 from tests.harness.hf import save_tiny_llama, slow_greedy  # noqa: E402
+
+pytestmark = pytest.mark.next_stack  # transformers 5 regressions: .ci/run's .venv-next
 
 WORDS = "one two three four five six seven eight nine ten".split()
 
@@ -112,7 +114,9 @@ def test_a_freed_slot_takes_the_next_prompt_at_once(tiny):
 
 def test_gqa_attention_is_bitwise_sdpa(tiny):
     """Prompt forward and cached decoding steps of a left-padded batch give the same logits,
-    bit for bit, with the KV heads repeated (transformers' sdpa) and without."""
+    bit for bit, with the KV heads repeated (transformers' sdpa) and without; on transformers 5
+    the decoding steps (where its sdpa packs the heads instead, 2.7e-5 apart here) within 1e-4
+    and with the same greedy tokens."""
     model, tokenizer = tiny
     prompts = prompts_for(tokenizer, [3, 9, 20])
 
@@ -133,7 +137,13 @@ def test_gqa_attention_is_bitwise_sdpa(tiny):
     fast = logits()
     model.set_attn_implementation("sdpa")
     try:
-        assert torch.equal(logits(), fast)
+        reference = logits()
+        assert torch.equal(reference[0], fast[0])  # the prompt forward
+        if int(transformers.__version__.split(".")[0]) < 5:
+            assert torch.equal(reference, fast)
+        else:  # transformers 5's sdpa packs the GQA heads into the query at decoding steps
+            torch.testing.assert_close(reference, fast, rtol=0, atol=1e-4)
+            assert torch.equal(reference.argmax(-1), fast.argmax(-1))
         model.set_attn_implementation("eager")
         assert not D.use_gqa_attention(model)
         assert model.config._attn_implementation == "eager"

@@ -105,7 +105,10 @@ def _check_layout(hf_models, run: dict, layout: tuple, with_tokenizer: bool = Fa
                                 reference, f"{name} saved folder")
         assert saved.config.tie_word_embeddings == model.config.tie_word_embeddings
         if with_tokenizer:
-            tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+            # The saved tokenizer files as they are: transformers 5's AutoTokenizer would load a
+            # qwen2 folder as Qwen2Tokenizer whatever tokenizer_class says (our tiny WordLevel
+            # tokenizer is not one).
+            tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder)
             assert tokenizer("w1 w7")["input_ids"] == [1, 7]
 
 
@@ -129,6 +132,7 @@ def two_process_run(hf_models, tmp_path_factory):
                         ALL_CASES)
 
 
+@pytest.mark.next_stack
 def test_single_process_matches_transformers(hf_models, tmp_path):
     run = _run_layouts(hf_models, tmp_path, 1, [(1, 1, None)], ALL_CASES, with_tokenizer=True)
     _check_layout(hf_models, run, (1, 1, None), with_tokenizer=True)
@@ -179,6 +183,7 @@ def test_non_dividing_parallel_size_names_the_dimension(sizes, dimension):
         transformer_config_from_hf(config, **sizes)
 
 
+@pytest.mark.next_stack
 def test_unsupported_options_are_refused():
     from q_tuning.sft.hf.model import transformer_config_from_hf
 
@@ -190,6 +195,25 @@ def test_unsupported_options_are_refused():
             transformer_config_from_hf(transformers.LlamaConfig(**COMMON, **options))
 
 
+@pytest.mark.next_stack
+def test_rope_settings_are_read_from_either_transformers_layout():
+    """transformers 5 moved rope_theta (and rope_scaling) into config.rope_parameters; reading
+    only `config.rope_theta` silently fell back to 10000 there (logits off by ~1.5)."""
+    from q_tuning.sft.hf.config import rope_parameters
+    from q_tuning.sft.hf.model import transformer_config_from_hf
+
+    assert rope_parameters(transformers.LlamaConfig(**COMMON, rope_theta=500000.0))[
+        "rope_theta"] == 500000.0
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    config = transformers.LlamaConfig(**dict(COMMON, max_position_embeddings=16384),
+                                      rope_theta=500000.0, rope_scaling=llama3)
+    params = rope_parameters(config)
+    assert params["rope_theta"] == 500000.0 and params["rope_type"] == "llama3"
+    transformer_config_from_hf(config)  # accepted: Llama-3.1 scaling with megatron's constants
+
+
+@pytest.mark.next_stack
 def test_config_fields():
     from q_tuning.sft.hf.model import padded_vocab_size, transformer_config_from_hf
 

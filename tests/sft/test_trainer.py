@@ -125,6 +125,7 @@ def _losses(history: list[dict]) -> np.ndarray:
 
 # --- 1 process -----------------------------------------------------------------------------------
 
+@pytest.mark.next_stack
 def test_one_process_without_q_tuning(single):
     out, results = single
     history = _ok(results, "plain")
@@ -151,6 +152,7 @@ def test_one_process_without_q_tuning(single):
     assert model.config.num_hidden_layers == 2
 
 
+@pytest.mark.next_stack
 def test_one_process_with_q_tuning(single):
     out, results = single
     history = _ok(results, "qt")
@@ -221,6 +223,7 @@ def test_resume_is_bitwise_identical(double):
 
 # --- bad input -----------------------------------------------------------------------------------
 
+@pytest.mark.next_stack
 @pytest.mark.parametrize("name, message", [
     ("missing_data", "nope.jsonl' not found"),
     ("bad_json", "bad.jsonl:2: malformed JSON"),

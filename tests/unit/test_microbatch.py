@@ -8,6 +8,8 @@ import torch
 from q_tuning.passes.microbatch import block_causal_mask, build_micro_batches, plan_rows
 from q_tuning.parallel.rebalance import assign_to_ranks
 
+pytestmark = pytest.mark.next_stack  # also in .ci/run's .venv-next
+
 
 def samples(lengths, seed=0):
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""Spawned ranks of tests/test_data_cache.py: `prepare_on_node_leaders` then `load_samples` on
+"""Spawned ranks of tests/sft/test_data_cache.py: `prepare_on_node_leaders` then `load_samples` on
 gloo processes of one host; each rank reports how many conversations it tokenized itself."""
 
 from __future__ import annotations

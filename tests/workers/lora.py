@@ -1,4 +1,4 @@
-"""Spawned ranks of tests/test_lora.py: LoRA on a real megatron-core GPTModel built from a tiny HF
+"""Spawned ranks of tests/sft/test_lora.py: LoRA on a real megatron-core GPTModel built from a tiny HF
 Llama (`q_tuning.sft.hf.model`), inside `tests.harness.launch.run_distributed` (gloo)."""
 
 from __future__ import annotations

@@ -186,7 +186,9 @@ def _response_nll(model, state: "Prefilled", shared: list[int], prompts, samples
         input_ids=ids, attention_mask=torch.cat([state.attention, real], 1),
         position_ids=state.positions[:, -1:] + 1 + torch.arange(length),
         past_key_values=state.cache, use_cache=True).last_hidden_state  # [b, R, h]
-    state.cache.crop(width)
+    extra = state.cache.get_seq_length() - width
+    if extra > 0:  # transformers 5's crop takes only a negative count (4.57: a length or that)
+        state.cache.crop(-extra)
     head = model.get_output_embeddings()
     first = torch.nn.functional.cross_entropy(state.logits.float(), ids[:, 0], reduction="none")
     later = torch.zeros(ids.shape, dtype=torch.float64)

@@ -111,7 +111,8 @@ class _SlotLayer:
     def values(self) -> torch.Tensor:
         return self.buffers[1][:, :, self.window.start:self.window.end]
 
-    def update(self, keys, values, cache_kwargs=None):
+    def update(self, keys, values, *args, **kwargs):
+        # transformers 4.57 passes cache_kwargs positionally; 5.x passes keyword arguments.
         start, end = self.window.start, self.window.end
         for buffer, new in zip(self.buffers, (keys, values)):
             buffer[:, :, end:end + new.shape[2]] = new

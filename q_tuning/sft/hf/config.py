@@ -102,12 +102,22 @@ def _check_supported_features(hf_config, arch: str) -> None:
         raise ValueError(f"{arch}: unsupported configuration: {'; '.join(problems)}")
 
 
+def rope_parameters(hf_config) -> dict:
+    """`rope_theta` and the scaling settings in one dict: transformers 5 keeps them in
+    `config.rope_parameters` (and has no `config.rope_theta`); 4.x as `rope_theta` and
+    `rope_scaling` attributes."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if params:
+        return {"rope_theta": 10000.0, **params}
+    scaling = getattr(hf_config, "rope_scaling", None) or {}
+    return {**scaling, "rope_theta": getattr(hf_config, "rope_theta", 10000.0)}
+
+
 def _rope_scaling(hf_config) -> tuple[bool, float]:
     """(rope_scaling, factor) for GPTModel: none, or Llama-3.1 scaling with megatron's constants."""
-    scaling = getattr(hf_config, "rope_scaling", None)
-    if not scaling:
-        return False, 8.0
-    kind = scaling.get("rope_type", scaling.get("type"))
+    params = rope_parameters(hf_config)
+    scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind == "default":
         return False, 8.0
     # megatron's RotaryEmbedding._apply_scaling fixes these three; only the factor is free.
@@ -255,7 +265,7 @@ def build_gpt_model(hf_config: "PretrainedConfig", *, config: Optional["Transfor
         post_process=post_process,
         share_embeddings_and_output_weights=bool(getattr(hf_config, "tie_word_embeddings", False)),
         position_embedding_type="rope",
-        rotary_base=getattr(hf_config, "rope_theta", 10000.0),
+        rotary_base=rope_parameters(hf_config)["rope_theta"],
         rope_scaling=rope_scaling,
         rope_scaling_factor=rope_factor,
         vp_stage=vp_stage,

@@ -12,7 +12,7 @@ target_modules in HF names) and `adapter_model.safetensors` with peft's keys
 as the weight is (`hf_weights.hf_tensors_like`): linear_qkv's B rows into q_proj / k_proj /
 v_proj, linear_fc1's into gate_proj / up_proj, each with the shared A, which is exact:
 [B_q; B_k; B_v] A = [B_q A; B_k A; B_v A]. `peft.PeftModel.from_pretrained(base, out_dir)` then
-computes the logits of the merged model (tested in tests/test_lora*.py). The merged model itself
+computes the logits of the merged model (tested in tests/sft/test_lora*.py). The merged model itself
 is `--export-hf` under `layers.merged_weights`.
 """
 

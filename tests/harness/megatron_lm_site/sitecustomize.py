@@ -6,6 +6,17 @@ Self-contained on purpose: Megatron-LM's checkout has its own `tests` package, w
 """
 
 import os
+import sys
+
+if os.environ.get("Q_TUNING_MEGATRON_LM_CPU") == "1" and sys.version_info < (3, 12):
+    # Megatron-LM core_v0.19.0's megatron/training/models/gpt.py imports typing.override (3.12+).
+    # Test-only: on Python 3.11 the typing_extensions backport stands in for it.
+    import typing as _typing
+
+    import typing_extensions as _typing_extensions
+
+    if not hasattr(_typing, "override"):
+        _typing.override = _typing_extensions.override
 
 if os.environ.get("Q_TUNING_MEGATRON_LM_CPU") == "1":
     import torch.utils.cpp_extension as _cpp_extension

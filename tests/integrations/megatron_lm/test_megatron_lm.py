@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -50,6 +51,7 @@ def _equal_micro_batches(a: list[dict], b: list[dict]) -> None:
             torch.testing.assert_close(x[k], y[k], rtol=0, atol=0, msg=k)
 
 
+@pytest.mark.next_stack
 def test_plain_rows_round_trip():
     mbs = _plain_micro_batches()
     fmt = row_format(mbs)
@@ -131,6 +133,7 @@ def test_packed_rows_round_trip():
     _equal_micro_batches(samples_to_rows(samples, rows, fmt, len(mbs)), mbs)
 
 
+@pytest.mark.next_stack
 def test_packed_rows_repacked_after_pruning():
     mbs = [_sft_row(conv, SFT_SEQ, i) for i, conv in enumerate(SFT_ROWS)]
     fmt = row_format(mbs)
@@ -205,6 +208,7 @@ def test_unsupported_configurations_name_the_setting_and_the_fix(overrides, word
     assert (reason is None) if words is None else (words in reason)
 
 
+@pytest.mark.next_stack
 def test_off_returns_megatrons_own_function_and_what_cannot_run_raises():
     from q_tuning.megatron_lm.step import QTuningStep, UnsupportedConfiguration
 
@@ -230,9 +234,11 @@ def test_off_returns_megatrons_own_function_and_what_cannot_run_raises():
 # --- install() against a stand-in megatron.training (CI) ----------------------------------------
 
 def _fake_megatron_training(monkeypatch, argv: list[str], *, drop: str | None = None,
-                            extra_flags: list[str] = ()):
+                            extra_flags: list[str] = (), layout: str = "core_v0.16.1"):
     """Modules shaped like Megatron-LM's megatron.training (the symbols install() patches); its
-    parser knows --calculate-per-token-loss and the `extra_flags` (all store_true)."""
+    parser knows --calculate-per-token-loss and the `extra_flags` (all store_true). `layout`
+    "core_v0.16.1": initialize.py holds parse_args by name; "core_v0.19.0": it does not (the
+    script calls arguments.parse_and_validate_args, which calls parse_args by global name)."""
     import argparse
     import types
 
@@ -255,8 +261,11 @@ def _fake_megatron_training(monkeypatch, argv: list[str], *, drop: str | None = 
         module = types.ModuleType(f"megatron.training.{name}")
         modules[module.__name__] = module
         setattr(package, name, module)
-    modules["megatron.training.arguments"].parse_args = parse_args
-    modules["megatron.training.initialize"].parse_args = parse_args
+    arguments = modules["megatron.training.arguments"]
+    arguments.parse_args = parse_args
+    arguments.parse_and_validate_args = lambda: arguments.parse_args()
+    if layout == "core_v0.16.1":
+        modules["megatron.training.initialize"].parse_args = parse_args
     modules["megatron.training.training"].get_forward_backward_func = \
         lambda: native_forward_backward
     if drop:
@@ -267,6 +276,7 @@ def _fake_megatron_training(monkeypatch, argv: list[str], *, drop: str | None = 
     return modules, native_forward_backward
 
 
+@pytest.mark.next_stack
 def test_install_is_idempotent_marked_and_composes_with_the_scripts_flags(monkeypatch, capsys):
     import q_tuning.megatron_lm as adapter
     from q_tuning import add_q_tuning_args
@@ -284,12 +294,30 @@ def test_install_is_idempotent_marked_and_composes_with_the_scripts_flags(monkey
     assert modules["megatron.training.arguments"].parse_args is initialize.parse_args
     assert initialize.parse_args.__wrapped__ is original_parse
     out = capsys.readouterr().out
-    assert out.count("[Q-Tuning] patched megatron.training.initialize.parse_args") == 1
+    assert out.count("[Q-Tuning] patched megatron.training.arguments.parse_args and "
+                     "megatron.training.initialize.parse_args") == 1
     assert out.count("[Q-Tuning] patched megatron.training.training.get_forward_backward_func") == 1
     # The user may pass our flags as extra_args_provider too: they are added once.
     args = initialize.parse_args(extra_args_provider=add_q_tuning_args)
     assert args.enable_q_tuning and args.calculate_per_token_loss
     assert training.get_forward_backward_func() is not native
+
+
+@pytest.mark.next_stack
+def test_install_on_the_core_v0_19_layout_patches_what_the_script_calls(monkeypatch, capsys):
+    """core_v0.19.0: no parse_args in initialize.py; pretrain_gpt.py calls
+    arguments.parse_and_validate_args, whose parse_args is the patched one."""
+    import q_tuning.megatron_lm as adapter
+
+    modules, native = _fake_megatron_training(monkeypatch, ["--enable-q-tuning"],
+                                              layout="core_v0.19.0")
+    adapter.install()
+    assert not hasattr(modules["megatron.training.initialize"], "parse_args")
+    out = capsys.readouterr().out
+    assert "[Q-Tuning] patched megatron.training.arguments.parse_args: adds" in out
+    args = modules["megatron.training.arguments"].parse_and_validate_args()
+    assert args.enable_q_tuning and args.calculate_per_token_loss
+    assert modules["megatron.training.training"].get_forward_backward_func() is not native
 
 
 def test_without_the_flag_megatrons_objects_come_back(monkeypatch):
@@ -325,14 +353,21 @@ def test_unsupported_configuration_is_a_start_up_error(monkeypatch, argv, words)
     assert not modules["megatron.training.initialize"].parse_args().enable_q_tuning
 
 
-def test_install_names_the_missing_symbol_and_version(monkeypatch):
+@pytest.mark.next_stack
+@pytest.mark.parametrize("layout", ["core_v0.16.1", "core_v0.19.0"])
+@pytest.mark.parametrize("symbol", ["megatron.training.training.get_forward_backward_func",
+                                    "megatron.training.arguments.parse_args"])
+def test_install_names_the_missing_symbol_and_versions(monkeypatch, layout, symbol):
+    """A Megatron-LM without a hook point stops at install(), before anything is patched."""
     import q_tuning.megatron_lm as adapter
 
-    _fake_megatron_training(monkeypatch, [],
-                            drop="megatron.training.training.get_forward_backward_func")
-    with pytest.raises(RuntimeError, match=r"megatron\.training\.training\."
-                       r"get_forward_backward_func .*core_v0\.16\.1.*megatron-core \S+"):
+    modules, native = _fake_megatron_training(monkeypatch, [], drop=symbol, layout=layout)
+    with pytest.raises(RuntimeError, match=re.escape(symbol) + r"; not found with megatron-core "
+                       r"\S+ \(tested: Megatron-LM core_v0\.16\.1 .*core_v0\.19\.0"):
         adapter.install()
+    assert not adapter.installed()
+    if layout == "core_v0.16.1" and symbol.endswith("get_forward_backward_func"):
+        assert not hasattr(modules["megatron.training.initialize"].parse_args, "__wrapped__")
     monkeypatch.setitem(sys.modules, "megatron.training", None)
     with pytest.raises(ImportError, match="not on PyPI"):
         adapter.install()
@@ -356,7 +391,7 @@ def _kept_masks(results: list[dict]) -> dict[int, list]:
 
 
 @pytest.mark.parametrize("split", list(SPLITS))
-@pytest.mark.parametrize("keep_ratio", [0.5, 0.2])
+@pytest.mark.parametrize("keep_ratio", [0.5, pytest.param(0.2, marks=pytest.mark.next_stack)])
 def test_step_gradient_is_the_kept_token_mean(split, keep_ratio):
     world, tp, pp, vpp = SPLITS[split]
     results = run_distributed(H.step_worker, world, tp, pp, vpp, keep_ratio, MBS, NUM_MB,
