@@ -2,9 +2,9 @@
 with recorded noise (10% misaligned responses, 10% wrong arithmetic), Q-Tuning against its
 baselines, evaluated on 400 clean held-out problems.
 
-    python experiments/leg_counting/leg_grid.py --out /work/grid/leg                  # the grid (hours on 2 cores)
+    python experiments/leg_counting/leg_grid.py --out grid/leg                  # the grid (hours on 2 cores)
     python experiments/leg_counting/leg_grid.py --out /tmp/g --tiny                   # the same pipeline, seconds
-    python experiments/leg_counting/leg_grid.py --out /work/grid/leg --table          # only the tables
+    python experiments/leg_counting/leg_grid.py --out grid/leg --table          # only the tables
 
 A run is (setting, seed): `q_tuning.sft.train` (3 epochs, 36 steps of 32 samples), then
 `q_tuning.sft.evaluate.cli` on the held-out set, then a compact record (per-problem outcomes, the

