@@ -496,7 +496,8 @@ CHECKOUT = _megatron_lm_checkout()
 needs_megatron_lm = pytest.mark.skipif(
     CHECKOUT is None,
     reason="Megatron-LM's megatron.training is not importable (Megatron-LM is not on PyPI); run "
-           "`bash scripts/test_megatron_lm.sh /path/to/Megatron-LM` (tag core_v0.16.1)")
+           "`bash scripts/test_megatron_lm.sh /path/to/Megatron-LM` (tags core_v0.16.1, "
+           "core_v0.19.0 or slime's pin)")
 
 Q_TUNING = ["--enable-q-tuning", "--q-tuning-sample-keep-ratio", "0.5",
             "--q-tuning-token-keep-ratio", "0.7"]
