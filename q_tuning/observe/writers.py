@@ -203,7 +203,8 @@ class WandbConfig:
                      ("exp_name", "save_dir", "entity", "eu_plane_every")
                      if getattr(config, name)]
             if given:
-                raise ValueError(f"{', '.join(given)} only apply with --wandb-project")
+                raise ValueError(f"{', '.join(given)}: only with --wandb-project "
+                                 "(W&B is off without it)")
             return config
         if importlib.util.find_spec("wandb") is None:
             raise ValueError(f"--wandb-project needs the wandb package, which is not installed: "

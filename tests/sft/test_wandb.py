@@ -33,9 +33,9 @@ BASE = ["--hf-checkpoint", "m", "--data-path", "d.jsonl", "--global-batch-size",
 # --- flags ---------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("extra, message", [
-    (["--wandb-exp-name", "x"], "--wandb-exp-name only apply with --wandb-project"),
+    (["--wandb-exp-name", "x"], "--wandb-exp-name: only with --wandb-project"),
     (["--wandb-entity", "e", "--wandb-save-dir", "s"],
-     "--wandb-save-dir, --wandb-entity only apply with --wandb-project"),
+     "--wandb-save-dir, --wandb-entity: only with --wandb-project"),
     (["--wandb-project", "p"], "--wandb-project needs --wandb-save-dir"),
     (["--wandb-project", "p", "--output-dir", "o", "--wandb-eu-plane-every", "-1"],
      "--wandb-eu-plane-every must be >= 0"),
