@@ -26,8 +26,8 @@ from typing import Any, Optional
 
 from q_tuning.parallel import comm
 from q_tuning.sft.checkpoint import files as checkpointing
-from q_tuning.sft.runtime import progress
 from q_tuning.sft.lora import checkpoint as lora_checkpoint
+from q_tuning.sft.runtime import progress
 
 logger = logging.getLogger("q_tuning.train")
 

@@ -49,12 +49,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from q_tuning.sft.data.config import DataConfig
+from q_tuning.sft.data.conversations import ROLES, Conversation, DataError, render_chat
 from q_tuning.sft.data.loading import load_samples
 from q_tuning.sft.data.masks import tokenize_conversation
 from q_tuning.sft.data.reader import read_conversations
 from q_tuning.sft.data.samples import (EXAMPLES, SKIP_BAD_RECORD, SKIP_NO_ASSISTANT,
                                        SKIP_TOO_LONG, TRUNCATED, DataStats, Sample)
-from q_tuning.sft.data.conversations import ROLES, Conversation, DataError, render_chat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

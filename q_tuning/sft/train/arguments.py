@@ -23,9 +23,9 @@ from typing import Sequence
 
 from q_tuning.config import CommandLineParser, QTuningConfig, add_q_tuning_args, positive_int
 from q_tuning.observe.writers import WandbConfig, add_wandb_args
-from q_tuning.sft.train.presets import PRESETS, get_preset
-from q_tuning.sft.lora.config import add_lora_args, check_lora_args
 from q_tuning.sft.data.config import DataConfig, add_data_format_args
+from q_tuning.sft.lora.config import add_lora_args, check_lora_args
+from q_tuning.sft.train.presets import PRESETS, get_preset
 
 __all__ = ["build_parser", "parse_args", "validate_parallel_sizes", "train_iters_for_epochs",
            "samples_per_step", "check_writable_paths"]

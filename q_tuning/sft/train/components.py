@@ -22,8 +22,8 @@ from typing import Optional
 import torch
 
 from q_tuning.parallel import comm
-from q_tuning.sft.runtime import progress, seed_everything
 from q_tuning.sft.lora.config import LoRAConfig
+from q_tuning.sft.runtime import progress, seed_everything
 
 __all__ = ["build_data", "build_model", "build_optimizer", "build_transformer_config",
            "init_parallel_state", "max_tokens_per_row"]
